@@ -1,0 +1,25 @@
+"""Ingest posts into <lake>/tables/posts: post_id, city, caption (+ status), user fields,
+image_uri and the original image bytes.
+
+Reads source.path in the layout source.layout: `instacities` (InstaCities1M folders,
+flat or train/val/test split, local or s3a://) or `manifest` (CSV, JSON Lines or Parquet
+with post_id, image and optional caption, city, user_id, likes, followers, posted_at).
+Rejected records (missing or empty images, duplicate posts, bad manifest rows, stray
+files) go to <lake>/tables/rejected/stage=ingest with a reason; input = output + rejected.
+
+    spark-submit jobs/ingest.py --config conf/local.yaml
+    python jobs/ingest.py --config conf/local.yaml --set source.layout=instacities --set source.path=./data/sample
+"""
+
+import sys
+
+from sparkml import cli
+from sparkml.sources import ingest
+
+
+def body(spark, cfg, args):
+    return ingest(spark, cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run("ingest", __doc__, body))

@@ -1,0 +1,87 @@
+"""The shared command line of every job: --config, --set, --help; exit 2 on bad input.
+
+A job file is a few lines:
+
+    def body(spark, cfg, args) -> Summary: ...
+    if __name__ == "__main__":
+        sys.exit(cli.run("ingest", __doc__, body))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Callable
+
+from sparkml.config import Config, ConfigError, describe_keys, load_config
+from sparkml.lake import IncompleteInput, Summary, write_summary
+
+log = logging.getLogger("instalearn")
+
+Body = Callable[..., Summary]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parser(stage: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.ArgumentParser:
+    p = _Parser(
+        prog=f"{stage}.py",
+        description=(doc or "").strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the profile or with --set key=value):\n" + "\n".join(describe_keys()),
+    )
+    p.add_argument("--config", default="conf/local.yaml",
+                   help="YAML profile: conf/local.yaml (default), conf/emr.yaml, conf/dataproc.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set lake=s3://bucket/run1 (repeatable)")
+    if add_arguments:
+        add_arguments(p)
+    return p
+
+
+def parse(stage: str, doc: str, argv: list[str] | None = None,
+          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line and load the config; exits 2 with one line on any problem."""
+    p = parser(stage, doc, add_arguments)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        p.error(str(e))
+    return cfg, args
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("py4j", "pyspark"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+    """Parse, build the session, run the stage, write its _SUMMARY.json, log one line."""
+    cfg, args = parse(stage, doc, argv, add_arguments)
+    setup_logging()
+    from sparkml.session import get_session  # pyspark import only once the options are good
+
+    spark = get_session(cfg, app_name=stage)
+    t0 = time.perf_counter()
+    try:
+        summary = body(spark, cfg, args)
+    except (ConfigError, IncompleteInput) as e:
+        print(f"{stage}.py: error: {e}", file=sys.stderr)
+        return 2
+    summary.seconds = round(time.perf_counter() - t0, 3)
+    write_summary(spark, summary)
+    log.info(summary.line())
+    print(summary.line())
+    if not summary.balanced:
+        log.error("%s: input != output + rejected + duplicates: records were lost; this is a bug", stage)
+        return 1
+    return 0

@@ -1,0 +1,153 @@
+"""Run configuration: YAML profiles in conf/, validated, with `--set key=value` overrides.
+
+One model per section; unknown keys and wrong types are errors that name the key.
+
+    cfg = load_config("conf/local.yaml", ["ingest.read_threads=32"])
+    cfg.source.layout  # 'manifest'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad profile, option or override; jobs print it on one line and exit 2."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Source(Section):
+    path: str = Field(description="URI of the input: an InstaCities1M folder or a manifest file")
+    layout: Literal["instacities", "manifest"] = Field(
+        description="instacities: <root>/img_resized_1M/cities_instagram/<city>/<id>.jpg (or the "
+        "split layout <root>/img/<split>/<city>/<id>.jpg) with captions beside; manifest: CSV, "
+        "JSON Lines or Parquet with post_id, image and optional fields"
+    )
+
+
+class S3(Section):
+    endpoint: str | None = Field(
+        None, description="S3 endpoint URL for s3a:// and boto3 (MinIO, moto); empty for AWS"
+    )
+    path_style_access: bool = Field(False, description="path-style bucket addressing (needed by most non-AWS endpoints)")
+    region: str | None = Field(None, description="AWS region for the S3 clients")
+
+
+class Sample(Section):
+    out: str = Field("./data/sample", description="local folder the sample generator writes")
+    posts: int = Field(2000, ge=20, description="number of regular posts (planted mess comes on top)")
+    seed: int = Field(7, description="seed: the same seed gives byte-identical files")
+    size: int = Field(640, ge=64, description="side of the regular square images (Instagram's 640)")
+    workers: int = Field(2, ge=1, description="processes rendering images")
+
+
+class Ingest(Section):
+    read_threads: int = Field(
+        16, ge=1, description="concurrent reads per task for images/captions read by URI (hides S3 latency)"
+    )
+    batch_rows: int = Field(
+        64, ge=1, description="rows per Arrow batch when image bytes travel to Python (bounds memory)"
+    )
+    partition_mb: int = Field(128, ge=1, description="target image bytes per task when reading a manifest's images")
+
+
+class Config(Section):
+    lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
+    source: Source
+    spark: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="Spark settings without the 'spark.' prefix (master, driver.memory, sql.shuffle.partitions, ...)",
+    )
+    s3: S3 = Field(default_factory=S3)
+    sample: Sample = Field(default_factory=Sample)
+    ingest: Ingest = Field(default_factory=Ingest)
+
+    def spark_conf(self) -> dict[str, str]:
+        """The `spark:` section as full Spark keys with string values."""
+        out = {}
+        for key, value in self.spark.items():
+            full = key if key.startswith("spark.") else f"spark.{key}"
+            out[full] = str(value).lower() if isinstance(value, bool) else str(value)
+        return out
+
+
+def _set_path(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"bad --set key {key!r}")
+    # Spark keys contain dots themselves: everything after 'spark.' is one key.
+    if parts[0] == "spark" and len(parts) > 1:
+        parts = ["spark", ".".join(parts[1:])]
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'a.b=3' -> ('a.b', 3); the value is read as YAML (numbers, booleans, null, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"--set needs key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _describe(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key {loc!r}"
+    if first["type"] == "missing":
+        return f"missing config key {loc!r}"
+    got = first.get("input")
+    return f"config key {loc!r}: {first['msg']} (got {got!r})"
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML profile, apply `key=value` overrides, validate; raise ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config file {path} must be a mapping of sections")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """One line per config key with its default and description, for --help."""
+    lines = []
+    for name, field in model.model_fields.items():
+        key = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_keys(ann, key + "."))
+            continue
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {key}  ({default})  {field.description or ''}".rstrip())
+    return lines

@@ -1,0 +1,118 @@
+"""Where a run's outputs live under its lake root, and the bookkeeping every stage does.
+
+    <lake>/tables/<name>            Parquet tables (posts, images, duplicates, ...)
+    <lake>/tables/rejected/stage=S  rejected records of stage S (post_id, reason, detail)
+    <lake>/datasets/<name>          Petastorm training datasets
+    <lake>/models/<name>            models
+    <lake>/reports/                 reports
+    <output>/_SUMMARY.json          written last by each stage: its counts and timing
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkml import storage
+from sparkml.schemas import REJECTED
+
+log = logging.getLogger("instalearn")
+
+SUMMARY_FILE = "_SUMMARY.json"
+
+
+class Lake:
+    def __init__(self, root: str):
+        self.root = storage.qualify(root).rstrip("/")
+
+    def table(self, name: str) -> str:
+        return f"{self.root}/tables/{name}"
+
+    def rejected(self, stage: str | None = None) -> str:
+        base = self.table("rejected")
+        return base if stage is None else f"{base}/stage={stage}"
+
+    def dataset(self, name: str) -> str:
+        return f"{self.root}/datasets/{name}"
+
+    def model(self, name: str) -> str:
+        return f"{self.root}/models/{name}"
+
+    def report(self, name: str = "") -> str:
+        return f"{self.root}/reports/{name}".rstrip("/")
+
+
+class IncompleteInput(RuntimeError):
+    """An upstream output is missing or was left half-written: run its stage first."""
+
+
+def read_table(spark: SparkSession, uri: str, produced_by: str) -> DataFrame:
+    """A table another stage wrote; refuses one without its _SUMMARY.json (missing or failed run)."""
+    if not storage.exists(spark, f"{uri}/{SUMMARY_FILE}"):
+        raise IncompleteInput(f"{uri} is missing or incomplete: run jobs/{produced_by}.py first")
+    return spark.read.parquet(uri)
+
+
+@dataclass
+class Summary:
+    """The counts a stage reports; input must equal output + rejected + removed duplicates."""
+
+    stage: str
+    input_rows: int
+    output_rows: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    duplicates: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    output: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        return self.input_rows == self.output_rows + sum(self.rejected.values()) + sum(self.duplicates.values())
+
+    def to_json(self) -> str:
+        body = asdict(self)
+        extra = body.pop("extra")
+        body.update(extra)
+        body["balanced"] = self.balanced
+        return json.dumps(body, indent=2, sort_keys=True, default=str)
+
+    def line(self) -> str:
+        rej = ", ".join(f"{k}={v}" for k, v in sorted(self.rejected.items())) or "none"
+        dup = ", ".join(f"{k}={v}" for k, v in sorted(self.duplicates.items()))
+        dup = f" duplicates[{dup}]" if dup else ""
+        return (f"{self.stage}: input={self.input_rows} output={self.output_rows} "
+                f"rejected[{rej}]{dup} {self.seconds:.1f}s -> {self.output}")
+
+
+def begin_output(spark: SparkSession, output: str) -> None:
+    """Remove the old summary first, so a failed re-run never looks complete."""
+    storage.delete(spark, f"{output}/{SUMMARY_FILE}")
+
+
+def write_summary(spark: SparkSession, summary: Summary) -> None:
+    storage.write_bytes(spark, f"{summary.output}/{SUMMARY_FILE}", summary.to_json().encode())
+
+
+def read_summary(spark: SparkSession, output: str) -> dict:
+    return json.loads(storage.read_bytes(spark, f"{output}/{SUMMARY_FILE}"))
+
+
+def write_rejected(spark: SparkSession, lake: Lake, stage: str, rejects: DataFrame) -> dict[str, int]:
+    """Replace this stage's rejected records; returns reason -> count."""
+    rejects.select(*[F.col(f.name).cast(f.dataType) for f in REJECTED.fields]) \
+        .repartition(1).write.mode("overwrite").parquet(lake.rejected(stage))
+    counts = spark.read.parquet(lake.rejected(stage)).groupBy("reason").count().collect()
+    return {r["reason"]: int(r["count"]) for r in counts}
+
+
+def timed(fn):
+    """Run fn() and return (result, seconds)."""
+    t0 = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - t0

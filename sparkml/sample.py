@@ -1,0 +1,500 @@
+"""A deterministic, learnable InstaCities1M-like sample with the mess real data has.
+
+Writes, under `out`:
+
+    img_resized_1M/cities_instagram/<city>/<id>.jpg     images (640x640 mostly; some 300, phone sizes)
+    captions_resized_1M/cities_instagram/<city>/<id>.txt captions (UTF-8 unless planted otherwise)
+    manifest.jsonl    the same posts with user_id, likes, followers, posted_at (images by relative path)
+    ground_truth.json every planted case: post_id, kind, and what it is a copy of
+
+Learnable, not noise: each city has its own palette, ground texture (stripe angle and
+frequency) and landmark shape; each post has one or two topics (night, beach, food, ...)
+with a visual cue and caption words; 10% of images wear another city's style (label
+noise). Likes over followers depend on the topic, so likability is learnable too.
+
+    generate(Sample(out="./data/sample", posts=2000, seed=7))
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from sparkml.config import Sample
+from sparkml.schemas import CITIES
+
+IMG_DIR = "img_resized_1M/cities_instagram"
+CAP_DIR = "captions_resized_1M/cities_instagram"
+GROUND_TRUTH = "ground_truth.json"
+MANIFEST = "manifest.jsonl"
+AS_OF = datetime(2018, 1, 1, tzinfo=timezone.utc)  # "now" for the sample's post ages
+
+SHAPES = ("circle", "rect", "triangle", "diamond", "bars")
+
+CITY_WORDS = {
+    "london": ["thames", "bigben", "uk", "tube", "piccadilly", "soho"],
+    "newyork": ["nyc", "manhattan", "brooklyn", "timessquare", "centralpark", "bigapple"],
+    "sydney": ["operahouse", "bondi", "harbour", "aussie", "nsw", "manly"],
+    "losangeles": ["la", "hollywood", "venice", "santamonica", "dtla", "socal"],
+    "chicago": ["windycity", "chitown", "bean", "lakemichigan", "loop", "wrigley"],
+    "melbourne": ["melbs", "yarra", "flinders", "stkilda", "laneways", "victoria"],
+    "miami": ["southbeach", "wynwood", "brickell", "florida", "ocean", "keybiscayne"],
+    "toronto": ["cntower", "the6ix", "ontario", "yyz", "kensington", "distillery"],
+    "singapore": ["marinabay", "sentosa", "merlion", "hawker", "orchard", "sg"],
+    "sanfrancisco": ["goldengate", "sf", "bayarea", "alcatraz", "mission", "cablecar"],
+}
+
+TOPIC_WORDS = {
+    "night": ["night", "nightlife", "lights", "dark", "moon", "midnight"],
+    "beach": ["beach", "sand", "sea", "surf", "summer", "waves"],
+    "sunset": ["sunset", "golden", "sky", "evening", "dusk", "goldenhour"],
+    "food": ["food", "foodie", "brunch", "delicious", "dinner", "yummy"],
+    "snow": ["snow", "winter", "cold", "frozen", "snowday", "ice"],
+    "skyline": ["skyline", "architecture", "building", "tower", "downtown", "skyscraper"],
+    "party": ["party", "friends", "fun", "drinks", "weekend", "celebration"],
+    "coffee": ["coffee", "latte", "cafe", "morning", "espresso", "barista"],
+}
+TOPICS = tuple(TOPIC_WORDS)
+# Likes per follower: people like sunsets and food more than dark night shots.
+TOPIC_APPEAL = {"night": 0.7, "beach": 1.4, "sunset": 1.8, "food": 1.5, "snow": 1.0,
+                "skyline": 1.0, "party": 0.9, "coffee": 1.1}
+
+FILLER = ["love", "instagood", "photooftheday", "happy", "beautiful", "today", "best", "new",
+          "day", "life", "travel", "city", "good", "home", "tbt", "amazing"]
+STOP = ["the", "a", "in", "with", "and", "at", "my", "of", "to", "for", "on", "this", "is", "so"]
+EXTRAS = ["\U0001F60D", "\u2764\ufe0f", "http://t.co/x7Gq2", "@friend_12", "www.example.com/p/1", "!!", "..."]
+
+
+@dataclass(frozen=True)
+class CityStyle:
+    sky: tuple[int, int, int]
+    ground: tuple[int, int, int]
+    accent: tuple[int, int, int]
+    horizon: float
+    stripe_angle: float
+    stripe_freq: float
+    shape: str
+
+
+def city_styles() -> dict[str, CityStyle]:
+    """Fixed per city (independent of the sample seed), so every sample shares the same cues."""
+    rng = np.random.default_rng(20171001)
+    styles = {}
+    for i, city in enumerate(CITIES):
+        sky = tuple(int(v) for v in rng.integers(60, 230, 3))
+        ground = tuple(int(v) for v in rng.integers(30, 200, 3))
+        accent = tuple(int(v) for v in rng.integers(0, 256, 3))
+        styles[city] = CityStyle(
+            sky=sky, ground=ground, accent=accent,
+            horizon=float(0.35 + 0.3 * ((i * 7) % 10) / 9),
+            stripe_angle=float(np.pi * i / len(CITIES)),
+            stripe_freq=float(4 + 3 * (i % 4)),
+            shape=SHAPES[i % len(SHAPES)],
+        )
+    return styles
+
+
+STYLES = city_styles()
+BASE = 256  # images are drawn at this size, then resized to the post's size
+
+
+def render(style: CityStyle, topics: list[str], rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """Draw one post's image: city palette, texture and landmarks, then topic cues."""
+    h = w = BASE
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / BASE
+    horizon = style.horizon + rng.normal(0, 0.04)
+    sky = np.array(style.sky, np.float32) + rng.normal(0, 12, 3)
+    ground = np.array(style.ground, np.float32) + rng.normal(0, 12, 3)
+    img = np.empty((h, w, 3), np.float32)
+    grad = (1.15 - 0.35 * yy / max(horizon, 0.1))[..., None]
+    img[:] = sky * grad
+    if "sunset" in topics:
+        t = np.clip(yy / max(horizon, 0.1), 0, 1)[..., None]
+        img[:] = np.array([250, 120, 60], np.float32) * (1 - t) + np.array([200, 60, 140], np.float32) * t
+    below = yy > horizon
+    theta = style.stripe_angle + rng.normal(0, 0.08)
+    stripes = np.sin(2 * np.pi * style.stripe_freq * (xx * np.cos(theta) + yy * np.sin(theta)))
+    tex = ground[None, None, :] * (1 + 0.25 * stripes[..., None])
+    img[below] = tex[below]
+
+    pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    accent = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in style.accent)
+    for _ in range(int(rng.integers(3, 7))):
+        cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.15, 0.85) * h
+        r = rng.uniform(0.05, 0.12) * w
+        _shape(draw, style.shape, cx, cy, r, accent)
+    for topic in topics:
+        _topic_cue(draw, topic, rng, w, h, horizon)
+    arr = np.asarray(pil, np.float32)
+    if "night" in topics:
+        arr *= 0.35
+        for _ in range(40):
+            x, y = int(rng.integers(0, w - 3)), int(rng.integers(0, h - 3))
+            arr[y:y + 3, x:x + 3] = (255, 220, 120)
+    arr *= rng.uniform(0.85, 1.15)
+    arr += rng.normal(0, 8, 3)
+    pil = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+    # Fine grain at the final size, like sensor noise: keeps the JPEGs photo-like.
+    final = np.asarray(pil, np.int16) + rng.integers(-4, 5, (size[1], size[0], 1), dtype=np.int16)
+    return Image.fromarray(np.clip(final, 0, 255).astype(np.uint8))
+
+
+def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float, color) -> None:
+    if kind == "circle":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif kind == "rect":
+        draw.rectangle([cx - r, cy - r * 0.6, cx + r, cy + r * 0.6], fill=color)
+    elif kind == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+    elif kind == "diamond":
+        draw.polygon([(cx, cy - r), (cx - r, cy), (cx, cy + r), (cx + r, cy)], fill=color)
+    else:  # bars
+        for k in range(3):
+            x = cx - r + k * r * 0.8
+            draw.rectangle([x, cy - r * 1.5, x + r * 0.4, cy + r], fill=color)
+
+
+def _topic_cue(draw: ImageDraw.ImageDraw, topic: str, rng: np.random.Generator, w: int, h: int, horizon: float) -> None:
+    if topic == "beach":
+        draw.rectangle([0, int(h * 0.75), w, h], fill=(230, 210, 150))
+        draw.rectangle([0, int(h * 0.65), w, int(h * 0.75)], fill=(40, 120, 200))
+    elif topic == "food":
+        draw.ellipse([w * 0.25, h * 0.3, w * 0.75, h * 0.8], fill=(245, 245, 240))
+        for _ in range(4):
+            x, y = rng.uniform(0.35, 0.6) * w, rng.uniform(0.4, 0.65) * h
+            c = tuple(int(v) for v in rng.integers(60, 230, 3))
+            draw.ellipse([x, y, x + w * 0.08, y + h * 0.08], fill=c)
+    elif topic == "snow":
+        for _ in range(300):
+            x, y = rng.uniform(0, w), rng.uniform(0, h)
+            draw.ellipse([x, y, x + 2, y + 2], fill=(250, 250, 255))
+    elif topic == "skyline":
+        x = 0.0
+        while x < w:
+            bw = rng.uniform(0.04, 0.1) * w
+            top = horizon * h - rng.uniform(0.1, 0.35) * h
+            draw.rectangle([x, top, x + bw, horizon * h], fill=(35, 35, 45))
+            x += bw + 2
+    elif topic == "party":
+        for _ in range(120):
+            x, y = rng.uniform(0, w), rng.uniform(0, h)
+            c = tuple(int(v) for v in rng.integers(0, 256, 3))
+            draw.rectangle([x, y, x + 4, y + 3], fill=c)
+    elif topic == "coffee":
+        draw.ellipse([w * 0.3, h * 0.35, w * 0.7, h * 0.75], fill=(235, 225, 210))
+        draw.ellipse([w * 0.36, h * 0.41, w * 0.64, h * 0.69], fill=(110, 70, 40))
+
+
+def caption_for(city: str, topics: list[str], rng: np.random.Generator) -> str:
+    words: list[str] = []
+    if rng.random() < 0.75:
+        name = city if rng.random() < 0.5 else "#" + city
+        words.append(name if rng.random() < 0.8 else name.capitalize())
+    words += [("#" if rng.random() < 0.5 else "") + w for w in rng.choice(CITY_WORDS[city], int(rng.integers(0, 3)), replace=False)]
+    for topic in topics:
+        if rng.random() < 0.9:
+            words += [("#" if rng.random() < 0.4 else "") + w
+                      for w in rng.choice(TOPIC_WORDS[topic], int(rng.integers(1, 4)), replace=False)]
+    words += list(rng.choice(FILLER, int(rng.integers(1, 4)), replace=False))
+    words += list(rng.choice(STOP, int(rng.integers(1, 4)), replace=False))
+    order = rng.permutation(len(words))
+    text = " ".join(words[i] for i in order)
+    if rng.random() < 0.3:
+        text += " " + str(rng.choice(EXTRAS))
+    return text
+
+
+@dataclass
+class Post:
+    post_id: str
+    city: str
+    topics: list[str]
+    size: tuple[int, int]
+    user_id: str
+    followers: int | None
+    likes: int
+    posted_at: str
+    caption: str | None
+    style_city: str
+    ext: str = "jpg"
+    image_rel: str = ""
+    flags: list[str] = field(default_factory=list)
+
+
+def _encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _render_chunk(args) -> list[tuple[str, bytes]]:
+    seed, posts = args
+    out = []
+    for p in posts:
+        rng = np.random.default_rng([seed, int(p.post_id)])
+        img = render(STYLES[p.style_city], p.topics, rng, p.size)
+        out.append((p.post_id, _encode_jpeg(img)))
+    return out
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A small PNG that decodes to width*height pixels (a decompression bomb), built row by row."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" + b"\x80" * width
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+NOT_AN_IMAGE = b"<html><head><title>403 Forbidden</title></head><body>Access denied</body></html>\n"
+
+
+def _plan(cfg: Sample) -> tuple[list[Post], np.random.Generator]:
+    rng = np.random.default_rng([cfg.seed, 1])
+    n_users = max(12, cfg.posts // 8)
+    followers = np.exp(rng.normal(6.0, 1.5, n_users)).astype(np.int64) + 1
+    celebs = rng.choice(n_users, max(1, n_users // 50), replace=False)
+    followers[celebs] = rng.integers(1_000_000, 10_000_000, len(celebs))
+    tiny = rng.choice(np.setdiff1d(np.arange(n_users), celebs), max(1, n_users // 20), replace=False)
+    followers[tiny] = rng.integers(1, 6, len(tiny))
+    posts = []
+    start = AS_OF - timedelta(days=365)
+    for i in range(cfg.posts):
+        city = CITIES[i % len(CITIES)]
+        style_city = city if rng.random() >= 0.1 else str(rng.choice(CITIES))
+        topics = list(rng.choice(TOPICS, int(rng.integers(1, 3)), replace=False))
+        r = rng.random()
+        size = (300, 300) if r < 0.10 else (1080, 1350) if r < 0.15 else (cfg.size, cfg.size)
+        if i % 200 == 199:
+            size = (3024, 4032)  # a full-resolution phone photo now and then
+        u = int(rng.integers(0, n_users))
+        appeal = float(np.prod([TOPIC_APPEAL[t] for t in topics]))
+        ratio = float(np.exp(rng.normal(np.log(0.04 * appeal), 0.5)))
+        f = int(followers[u])
+        posted = start + timedelta(seconds=float(rng.uniform(0, 364 * 86400)))
+        pid = str(1_000_000 + i)
+        posts.append(Post(
+            post_id=pid, city=city, topics=topics, size=size, user_id=f"u{u:05d}",
+            followers=f, likes=int(round(f * ratio)), posted_at=posted.isoformat().replace("+00:00", "Z"),
+            caption=caption_for(city, topics, rng), style_city=style_city,
+        ))
+    return posts, np.random.default_rng([cfg.seed, 2])
+
+
+def generate(cfg: Sample) -> dict:
+    """Write the sample under cfg.out (replacing an earlier sample there); returns the ground truth."""
+    out = Path(cfg.out)
+    if out.exists():
+        if not (out / GROUND_TRUTH).exists() and any(out.iterdir()):
+            raise FileExistsError(f"{out} exists and is not a generated sample; refusing to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    posts, rng = _plan(cfg)
+    by_id = {p.post_id: p for p in posts}
+
+    chunks = [posts[i::cfg.workers * 4] for i in range(cfg.workers * 4)]
+    images: dict[str, bytes] = {}
+    with ProcessPoolExecutor(cfg.workers) as pool:
+        for part in pool.map(_render_chunk, [(cfg.seed, c) for c in chunks]):
+            images.update(part)
+
+    planted: list[dict] = []
+    captions_raw: dict[str, bytes | None] = {p.post_id: p.caption.encode() for p in posts}
+    order = [p.post_id for p in posts]
+    picks = iter(rng.permutation(order))  # each planted case takes fresh base posts
+
+    def take(n: int) -> list[str]:
+        return [next(picks) for _ in range(n)]
+
+    def plant(kind: str, pid: str, **extra) -> None:
+        planted.append({"post_id": pid, "kind": kind, **extra})
+
+    def decoded(pid: str) -> Image.Image:
+        return Image.open(io.BytesIO(images[pid])).convert("RGB")
+
+    # Sources of copies are clean base posts (taken before any mess is applied to them).
+    n_exact, n_near = max(2, cfg.posts // 50), max(3, cfg.posts * 3 // 100)
+    exact_src, near_src = take(n_exact), take(n_near)
+    next_id = 1_000_000 + cfg.posts
+
+    def new_post(src: str, **changes) -> Post:
+        nonlocal next_id
+        base = by_id[src]
+        p = Post(**{**base.__dict__, "post_id": str(next_id), "flags": [], **changes})
+        next_id += 1
+        posts.append(p)
+        by_id[p.post_id] = p
+        return p
+
+    for src in exact_src:
+        p = new_post(src, caption=caption_for(by_id[src].city, by_id[src].topics, rng))
+        images[p.post_id] = images[src]
+        captions_raw[p.post_id] = p.caption.encode()
+        plant("exact_duplicate", p.post_id, of=src)
+    for k, src in enumerate(near_src):
+        img = decoded(src)
+        how = ("reencode", "resize", "crop")[k % 3]
+        if how == "reencode":
+            q = int(rng.integers(50, 80))
+            data, detail = _encode_jpeg(img, q), f"jpeg quality {q}"
+        elif how == "resize":
+            s = float(rng.uniform(0.5, 0.85))
+            data = _encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
+            detail = f"resized x{s:.2f}"
+        else:
+            f = float(rng.uniform(0.03, 0.08))
+            dx, dy = int(img.width * f), int(img.height * f)
+            data = _encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
+            detail = f"cropped {f:.0%} per side"
+        p = new_post(src, caption=caption_for(by_id[src].city, by_id[src].topics, rng))
+        images[p.post_id] = data
+        captions_raw[p.post_id] = p.caption.encode()
+        plant("near_duplicate", p.post_id, of=src, transform=detail)
+
+    # Broken and unusual files, each replacing a base post's image.
+    for pid in take(3):
+        data = images[pid]
+        images[pid] = data[: int(len(data) * float(rng.uniform(0.4, 0.7)))]
+        plant("truncated", pid)
+    for pid in take(2):
+        images[pid] = b""
+        plant("zero_byte", pid)
+    for pid in take(1):
+        images[pid] = NOT_AN_IMAGE
+        plant("not_an_image", pid)
+    for kind, fmt, ext in (("png", "PNG", "png"), ("png", "PNG", "png"), ("png_as_jpg", "PNG", "jpg"),
+                           ("gif", "GIF", "gif"), ("webp", "WEBP", "webp")):
+        pid = take(1)[0]
+        buf = io.BytesIO()
+        img = decoded(pid)
+        (img.convert("P", palette=Image.ADAPTIVE) if fmt == "GIF" else img).save(buf, fmt)
+        images[pid] = buf.getvalue()
+        by_id[pid].ext = ext
+        plant(kind, pid)
+    for pid in take(2):
+        images[pid] = _encode_jpeg(decoded(pid).convert("CMYK"))
+        plant("cmyk", pid)
+    for pid in take(2):
+        images[pid] = _encode_jpeg(decoded(pid).convert("L"))
+        plant("grayscale", pid)
+    for pid in take(2):
+        img = decoded(pid)
+        shown = img.resize((img.width, img.height * 3 // 4))  # landscape as displayed
+        stored = shown.rotate(90, expand=True)                # camera stored it sideways
+        exif = Image.Exif()
+        exif[0x0112] = 6                                      # "rotate 90 CW to display"
+        buf = io.BytesIO()
+        stored.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+        images[pid] = buf.getvalue()
+        plant("exif_rotated", pid, displayed_size=list(shown.size))
+    bomb = new_post(take(1)[0], ext="png")
+    images[bomb.post_id] = bomb_png()
+    captions_raw[bomb.post_id] = bomb.caption.encode()
+    plant("decompression_bomb", bomb.post_id, pixels=20000 * 20000)
+
+    # Captions.
+    for pid in take(3):
+        text = by_id[pid].caption
+        captions_raw[pid] = text.encode("utf-8") + b" \xa1\xb0caf\xe9 \xa1\xad"  # GBK/latin-1 bytes as in MVSA
+        plant("caption_not_utf8", pid)
+    for pid in take(max(2, cfg.posts // 50)):
+        captions_raw[pid] = None
+        plant("caption_missing", pid)
+    for pid in take(1):
+        captions_raw[pid] = b"  \n"
+        plant("caption_empty", pid)
+
+    # Engagement oddities (manifest only: the InstaCities layout has no user data).
+    zero_user = by_id[take(1)[0]].user_id
+    for p in posts:
+        if p.user_id == zero_user:
+            p.followers, p.likes = 0, 0
+            plant("followers_zero", p.post_id, layouts=["manifest"])
+    for pid in take(1):
+        by_id[pid].followers = -5
+        plant("followers_negative", pid, layouts=["manifest"])
+    for pid in take(1):
+        by_id[pid].followers = None
+        plant("followers_missing", pid, layouts=["manifest"])
+    for pid in take(max(2, cfg.posts // 100)):
+        by_id[pid].posted_at = (AS_OF - timedelta(hours=float(rng.uniform(1, 20)))).isoformat().replace("+00:00", "Z")
+        plant("recent_post", pid, layouts=["manifest"])
+
+    # Records that ingest must reject.
+    orphans = []
+    for _ in range(2):
+        city = str(rng.choice(CITIES))
+        p = Post(post_id=str(next_id), city=city, topics=["food"], size=(cfg.size, cfg.size), user_id="u00000",
+                 followers=100, likes=3, posted_at="2017-06-01T12:00:00Z",
+                 caption=caption_for(city, ["food"], rng), style_city=city)
+        next_id += 1
+        orphans.append(p)
+        plant("image_missing", p.post_id)
+    dup_src = by_id[take(1)[0]]
+    later_cities = [c for c in CITIES if c > dup_src.city] or [c for c in CITIES if c != dup_src.city]
+    dup_city = later_cities[0]
+    plant("duplicate_post", dup_src.post_id, kept_city=dup_src.city, dropped_city=dup_city)
+
+    # Write the InstaCities layout.
+    for p in posts:
+        p.image_rel = f"{IMG_DIR}/{p.city}/{p.post_id}.{p.ext}"
+        path = out / p.image_rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(images[p.post_id])
+        raw = captions_raw.get(p.post_id)
+        if raw is not None:
+            cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
+            cap.parent.mkdir(parents=True, exist_ok=True)
+            cap.write_bytes(raw)
+    # The same post id filed under a second city, with another image: a duplicate post.
+    (out / IMG_DIR / dup_city).mkdir(parents=True, exist_ok=True)
+    (out / IMG_DIR / dup_city / f"{dup_src.post_id}.jpg").write_bytes(images[dup_src.post_id])
+    for p in orphans:
+        cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
+        cap.parent.mkdir(parents=True, exist_ok=True)
+        cap.write_bytes(p.caption.encode())
+
+    # The manifest: every post, the orphans with an image path that does not exist,
+    # one repeated row (duplicate post) and one row without a post_id.
+    rows = []
+    for p in posts + orphans:
+        raw = captions_raw[p.post_id] if p.image_rel else p.caption.encode()
+        rows.append({
+            "post_id": p.post_id,
+            "image": p.image_rel or f"{IMG_DIR}/{p.city}/{p.post_id}.jpg",
+            "caption": None if raw is None else raw.decode("utf-8", errors="replace"),
+            "city": p.city, "user_id": p.user_id, "likes": p.likes,
+            "followers": p.followers, "posted_at": p.posted_at,
+        })
+    rows.append(dict(next(r for r in rows if r["post_id"] == dup_src.post_id)))
+    rows.append({"post_id": "", "image": f"{IMG_DIR}/london/unknown.jpg", "caption": "no id",
+                 "city": "london", "user_id": "u00001", "likes": 1, "followers": 10,
+                 "posted_at": "2017-03-03T10:00:00Z"})
+    planted.append({"post_id": None, "kind": "bad_manifest_row", "layouts": ["manifest"]})
+    with open(out / MANIFEST, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
+
+    truth = {
+        "seed": cfg.seed, "posts": cfg.posts, "size": cfg.size, "as_of": AS_OF.isoformat().replace("+00:00", "Z"),
+        "cities": list(CITIES), "image_files": len(posts) + 1, "caption_files": sum(
+            1 for p in posts if captions_raw.get(p.post_id) is not None) + len(orphans),
+        "manifest_rows": len(rows), "planted": planted,
+        "labels": {p.post_id: {"city": p.city, "topics": p.topics, "style_city": p.style_city} for p in posts},
+    }
+    (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=1, sort_keys=True))
+    return truth

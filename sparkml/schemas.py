@@ -1,0 +1,59 @@
+"""The data contracts: table schemas and reject reasons. Writers and readers import these."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pyspark.sql import types as T
+
+
+class Reason(str, Enum):
+    """Why a record did not make it into a stage's output (the `reason` column of `rejected`)."""
+
+    # ingest
+    IMAGE_MISSING = "image_missing"          # the post names an image that does not exist
+    EMPTY_IMAGE = "empty_image"              # the image file has zero bytes
+    DUPLICATE_POST = "duplicate_post"        # the same post_id was already ingested
+    BAD_MANIFEST_ROW = "bad_manifest_row"    # a manifest row without post_id/image, or unparsable
+    UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
+
+
+class CaptionStatus(str, Enum):
+    """What ingest could make of a post's caption (the `caption_status` column of `posts`)."""
+
+    OK = "ok"
+    MISSING = "missing"      # no caption file / field
+    EMPTY = "empty"          # present but blank
+    NOT_UTF8 = "not_utf8"    # not valid UTF-8: decoded with U+FFFD replacements
+
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
+
+CITIES = (
+    "london", "newyork", "sydney", "losangeles", "chicago",
+    "melbourne", "miami", "toronto", "singapore", "sanfrancisco",
+)
+
+POSTS = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("city", T.StringType(), True),
+    T.StructField("split", T.StringType(), True),          # train/val/test when the source says so
+    T.StructField("caption", T.StringType(), True),
+    T.StructField("caption_status", T.StringType(), False),
+    T.StructField("user_id", T.StringType(), True),
+    T.StructField("likes", T.LongType(), True),
+    T.StructField("followers", T.LongType(), True),
+    T.StructField("posted_at", T.TimestampType(), True),
+    T.StructField("image_uri", T.StringType(), False),
+    T.StructField("image_bytes", T.BinaryType(), False),   # the original file, untouched
+    T.StructField("image_size", T.LongType(), False),
+])
+
+REJECTED = T.StructType([
+    T.StructField("post_id", T.StringType(), True),  # null when the record had none (bad manifest row)
+    T.StructField("reason", T.StringType(), False),
+    T.StructField("detail", T.StringType(), True),
+])
+
+# A manifest is read with every column as text; ingest casts and validates.
+MANIFEST_COLUMNS = ("post_id", "image", "caption", "city", "user_id", "likes", "followers", "posted_at")

@@ -1,0 +1,280 @@
+"""Ingest: InstaCities1M folders or a manifest -> <lake>/tables/posts (+ rejected).
+
+Decisions (which records to reject, which are duplicate posts) are made on metadata
+only: file listings and object sizes. Image bytes are read once, in a final pass that
+never shuffles them, so ingest costs one read of the images plus one write.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from sparkml import storage
+from sparkml.config import Config, ConfigError
+from sparkml.lake import Lake, Summary, begin_output, write_rejected
+from sparkml.schemas import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, POSTS, CaptionStatus, Reason
+
+STAGE = "ingest"
+FLAT_IMG, FLAT_CAP = "img_resized_1M/cities_instagram", "captions_resized_1M/cities_instagram"
+SPLITS = ("train", "val", "test")
+
+
+def decode_caption(raw: bytes | None) -> tuple[str | None, str]:
+    """Caption file bytes -> (text, CaptionStatus value). Invalid UTF-8 is decoded with
+    U+FFFD replacements and flagged, never dropped."""
+    if raw is None:
+        return None, CaptionStatus.MISSING.value
+    try:
+        text, status = raw.decode("utf-8"), CaptionStatus.OK.value
+    except UnicodeDecodeError:
+        text, status = raw.decode("utf-8", errors="replace"), CaptionStatus.NOT_UTF8.value
+    text = text.lstrip("\ufeff").strip()
+    if not text:
+        return "", CaptionStatus.EMPTY.value
+    return text, status
+
+
+def caption_status(text: str | None) -> str:
+    """Status of a caption given as text (manifest)."""
+    if text is None:
+        return CaptionStatus.MISSING.value
+    return CaptionStatus.OK.value if text.strip() else CaptionStatus.EMPTY.value
+
+
+def _rejects(df: DataFrame, reason: Reason, detail) -> DataFrame:
+    return df.select(F.col("post_id"), F.lit(reason.value).alias("reason"), detail.alias("detail"))
+
+
+def _first_per_post(df: DataFrame, order_col: str) -> tuple[DataFrame, DataFrame]:
+    """(kept, dropped): one row per post_id, the lowest `order_col` wins; dropped carry `kept_as`."""
+    w = Window.partitionBy("post_id").orderBy(order_col)
+    ranked = df.withColumn("_rn", F.row_number().over(w)).withColumn("kept_as", F.first(order_col).over(w))
+    return (ranked.where("_rn = 1").drop("_rn", "kept_as"), ranked.where("_rn > 1").drop("_rn"))
+
+
+# ---------------------------------------------------------------- InstaCities1M layout
+
+
+def _instacities_roots(spark: SparkSession, root: str) -> tuple[str, str, bool]:
+    root = storage.qualify(root).rstrip("/")
+    if storage.is_dir(spark, f"{root}/{FLAT_IMG}"):
+        return f"{root}/{FLAT_IMG}", f"{root}/{FLAT_CAP}", False
+    if storage.is_dir(spark, f"{root}/img"):
+        return f"{root}/img", f"{root}/captions", True
+    raise ConfigError(f"source.path {root}: neither {FLAT_IMG}/ nor img/<split>/ found (source.layout=instacities)")
+
+
+def _listing(spark: SparkSession, root: str, with_split: bool, cfg: Config) -> DataFrame:
+    """Files under root as (uri, size, split, city, post_id, ext, ok); ok = the layout's shape."""
+    files = storage.list_files(root, cfg.s3.endpoint, cfg.s3.region)
+    df = spark.createDataFrame(files or [], "uri string, size long")
+    parts = F.split(F.substring("uri", len(root) + 2, 1 << 20), "/")
+    name = F.element_at(parts, -1)
+    ext = F.lower(F.regexp_extract(name, r"\.([A-Za-z0-9]+)$", 1))
+    split = F.element_at(parts, 1) if with_split else F.lit(None).cast("string")
+    post_id = F.regexp_replace(name, r"\.[A-Za-z0-9]+$", "")
+    ok = (F.size(parts) == (3 if with_split else 2)) & ~post_id.startswith(".") & (post_id != "")
+    if with_split:
+        ok = ok & split.isin(*SPLITS)
+    return df.select("uri", "size", split.alias("split"), F.element_at(parts, -2).alias("city"),
+                     post_id.alias("post_id"), ext.alias("ext"), ok.alias("ok"))
+
+
+def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame]:
+    """(todo, rejects, input_keys): todo rows go to the content pass."""
+    img_root, cap_root, with_split = _instacities_roots(spark, cfg.source.path)
+    meta = _listing(spark, img_root, with_split, cfg)
+    is_image = F.col("ok") & F.col("ext").isin(*IMAGE_EXTENSIONS)
+    good = meta.where(is_image)
+    kept, dropped = _first_per_post(good, "uri")
+    keys = ["split", "city", "post_id"] if with_split else ["city", "post_id"]
+    caps = _listing(spark, cap_root, with_split, cfg).where(F.col("ok") & (F.col("ext") == "txt"))
+    orphans = caps.join(good.select(*keys), keys, "left_anti")
+    rejects = _union([
+        _rejects(meta.where(~is_image).withColumn("post_id", F.lit(None).cast("string")),
+                 Reason.UNRECOGNIZED_FILE, F.col("uri")),
+        _rejects(dropped, Reason.DUPLICATE_POST, F.concat(F.col("uri"), F.lit(" duplicates "), F.col("kept_as"))),
+        _rejects(kept.where("size = 0"), Reason.EMPTY_IMAGE, F.col("uri")),
+        _rejects(orphans, Reason.IMAGE_MISSING, F.concat(F.lit("caption "), F.col("uri"), F.lit(" has no image"))),
+    ])
+    todo = (kept.where("size > 0")
+            .join(caps.select(*keys, F.col("uri").alias("caption_uri")), keys, "left")
+            .select("post_id", "city", "split", F.lit(None).cast("string").alias("caption"), "caption_uri",
+                    *[F.lit(None).cast(t).alias(c) for c, t in
+                      (("user_id", "string"), ("likes", "long"), ("followers", "long"), ("posted_at", "timestamp"))],
+                    F.col("uri").alias("image_uri"), F.col("size").alias("image_size")))
+    inputs = meta.select(F.col("uri").alias("key")).unionByName(orphans.select(F.col("uri").alias("key")))
+    return todo, rejects, inputs
+
+
+def _union(frames: list[DataFrame]) -> DataFrame:
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return out
+
+
+# ---------------------------------------------------------------- manifest layout
+
+
+def read_manifest(spark: SparkSession, uri: str) -> DataFrame:
+    """A CSV, JSON Lines or Parquet manifest with every known column as text (+ _corrupt)."""
+    q = storage.qualify(uri)
+    lower = q.lower().rstrip("/")
+    if not storage.exists(spark, q):
+        raise ConfigError(f"source.path {uri} does not exist")
+    strings = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS])
+    if lower.endswith((".jsonl", ".json", ".ndjson")):
+        schema = strings.add("_corrupt", T.StringType())
+        df = (spark.read.schema(schema).option("mode", "PERMISSIVE")
+              .option("columnNameOfCorruptRecord", "_corrupt").json(q))
+    elif lower.endswith(".csv"):
+        df = (spark.read.option("header", "true").option("multiLine", "true").option("escape", '"')
+              .option("mode", "PERMISSIVE").csv(q))
+        df = df.withColumn("_corrupt", F.lit(None).cast("string"))
+    elif lower.endswith(".parquet") or storage.is_dir(spark, q):
+        df = spark.read.parquet(q).withColumn("_corrupt", F.lit(None).cast("string"))
+    else:
+        raise ConfigError(f"source.path {uri}: a manifest must be .csv, .jsonl/.json or .parquet")
+    missing = [c for c in ("post_id", "image") if c not in df.columns]
+    if missing:
+        raise ConfigError(f"manifest {uri} lacks required column(s) {missing}")
+    return df.select(*[(F.col(c) if c in df.columns else F.lit(None)).cast("string").alias(c)
+                       for c in MANIFEST_COLUMNS], "_corrupt")
+
+
+def _as_long(col: str):
+    return F.expr(f"try_cast(try_cast(trim({col}) as double) as bigint)")
+
+
+def _as_timestamp(col: str):
+    numeric = F.col(col).rlike(r"^\s*\d+(\.\d+)?\s*$")
+    return F.when(numeric, F.expr(f"timestamp_seconds(try_cast(trim({col}) as double))")) \
+        .otherwise(F.expr(f"try_cast(trim({col}) as timestamp)"))
+
+
+def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """(todo, rejects, input_keys, flags) for a manifest source."""
+    uri = cfg.source.path
+    raw = read_manifest(spark, uri).withColumn("_row", F.monotonically_increasing_id())
+    base_dir = storage.parent(uri)
+    blank = lambda c: F.col(c).isNull() | (F.trim(F.col(c)) == "")  # noqa: E731
+    problem = (F.when(F.col("_corrupt").isNotNull(), F.concat(F.lit("unparsable row: "), F.substring("_corrupt", 1, 200)))
+               .when(blank("post_id"), F.lit("missing post_id"))
+               .when(blank("image"), F.lit("missing image")))
+    checked = raw.withColumn("_problem", problem)
+    bad = checked.where(F.col("_problem").isNotNull()).withColumn("post_id", F.trim("post_id"))
+    rows = checked.where(F.col("_problem").isNull()).select(
+        F.trim("post_id").alias("post_id"), F.trim("city").alias("city"),
+        F.lit(None).cast("string").alias("split"), "caption", F.lit(None).cast("string").alias("caption_uri"),
+        F.trim("user_id").alias("user_id"), _as_long("likes").alias("likes"),
+        _as_long("followers").alias("followers"), _as_timestamp("posted_at").alias("posted_at"),
+        F.trim("image").alias("image"), "_row",
+        (F.col("likes").isNotNull() & _as_long("likes").isNull()).alias("_bad_likes"),
+        (F.col("followers").isNotNull() & _as_long("followers").isNull()).alias("_bad_followers"),
+        (F.col("posted_at").isNotNull() & _as_timestamp("posted_at").isNull()).alias("_bad_posted_at"),
+    )
+    kept, dropped = _first_per_post(rows.withColumn("_order", F.format_string("%s\u0000%020d", "image", "_row")),
+                                    "_order")
+    threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
+    kept = kept.drop("_order")
+    sized_schema = T.StructType([f for f in kept.schema.fields if f.name != "image"] + [
+        T.StructField("image_uri", T.StringType()), T.StructField("image_size", T.LongType())])
+
+    def stat(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            uris = [storage.resolve(base_dir, ref) for ref in b.column("image").to_pylist()]
+            found = storage.sizes(uris, threads, endpoint, region)
+            cols = [b.column(f.name) for f in sized_schema.fields[:-2]]
+            yield pa.RecordBatch.from_arrays(cols + [pa.array(uris, pa.string()), pa.array(found, pa.int64())],
+                                             names=sized_schema.fieldNames())
+
+    sized = kept.mapInArrow(stat, sized_schema).persist()
+    rejects = _union([
+        _rejects(bad, Reason.BAD_MANIFEST_ROW, F.col("_problem")),
+        _rejects(dropped, Reason.DUPLICATE_POST, F.lit("post_id repeated in the manifest")),
+        _rejects(sized.where(F.col("image_size").isNull()), Reason.IMAGE_MISSING,
+                 F.concat(F.lit("no file at "), F.col("image_uri"))),
+        _rejects(sized.where(F.col("image_size") == 0), Reason.EMPTY_IMAGE, F.col("image_uri")),
+    ])
+    good = sized.where(F.col("image_size") > 0)
+    agg = good.agg(*[F.sum(F.col(f"_{k}").cast("int")).alias(k)
+                     for k in ("bad_likes", "bad_followers", "bad_posted_at")]).first()
+    flags = {k: int(agg[k] or 0) for k in ("bad_likes", "bad_followers", "bad_posted_at")}
+    return good.drop("_row", "_bad_likes", "_bad_followers", "_bad_posted_at"), rejects, \
+        raw.select(F.col("_row").alias("key")), flags
+
+
+# ---------------------------------------------------------------- reading the bytes (both layouts)
+
+
+def _arrow_posts() -> pa.Schema:
+    kinds = {T.StringType: pa.string(), T.LongType: pa.int64(), T.BinaryType: pa.binary(),
+             T.TimestampType: pa.timestamp("us", tz="UTC")}
+    return pa.schema([pa.field(f.name, kinds[type(f.dataType)], f.nullable) for f in POSTS.fields])
+
+
+def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
+    """Rows with image_uri (+ caption text or caption_uri) -> POSTS rows with the image bytes.
+
+    Tasks are balanced by image bytes, and each reads with a thread pool, so object-store
+    latency overlaps; no image bytes are shuffled."""
+    total = todo.agg(F.sum("image_size")).first()[0] or 0
+    parts = max(spark.sparkContext.defaultParallelism, math.ceil(total / (cfg.ingest.partition_mb << 20)))
+    threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
+    schema = _arrow_posts()
+
+    def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            uris = b.column("image_uri").to_pylist()
+            blobs = storage.read_many(uris, threads, endpoint, region)
+            for u, blob in zip(uris, blobs):
+                if blob is None:
+                    raise FileNotFoundError(f"{u} disappeared while ingest was reading it; re-run ingest")
+            cap_uris = b.column("caption_uri").to_pylist()
+            texts = b.column("caption").to_pylist()
+            if any(cap_uris):
+                caps = [decode_caption(r) for r in storage.read_many(cap_uris, threads, endpoint, region)]
+            else:
+                caps = [(t, caption_status(t)) for t in texts]
+            yield pa.RecordBatch.from_arrays([
+                b.column("post_id"), b.column("city"), b.column("split"),
+                pa.array([c[0] for c in caps], pa.string()), pa.array([c[1] for c in caps], pa.string()),
+                b.column("user_id"), b.column("likes"), b.column("followers"), b.column("posted_at"),
+                b.column("image_uri"), pa.array(blobs, pa.binary()), pa.array([len(x) for x in blobs], pa.int64()),
+            ], schema=schema)
+
+    cols = ["post_id", "city", "split", "caption", "caption_uri", "user_id", "likes", "followers",
+            "posted_at", "image_uri"]
+    return todo.select(*cols).repartition(parts, "post_id").mapInArrow(read, POSTS)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def ingest(spark: SparkSession, cfg: Config) -> Summary:
+    """Read the configured source and write <lake>/tables/posts and the stage's rejects."""
+    lake = Lake(cfg.lake)
+    out = lake.table("posts")
+    begin_output(spark, out)
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.ingest.batch_rows))
+    flags: dict[str, int] = {}
+    if cfg.source.layout == "instacities":
+        todo, rejects, inputs = ingest_instacities(spark, cfg)
+    else:
+        todo, rejects, inputs, flags = ingest_manifest(spark, cfg)
+    rejected = write_rejected(spark, lake, STAGE, rejects)
+    read_posts(spark, todo, cfg).write.mode("overwrite").parquet(out)
+    written = spark.read.parquet(out)
+    status = {r["caption_status"]: int(r["count"]) for r in written.groupBy("caption_status").count().collect()}
+    return Summary(
+        stage=STAGE, input_rows=inputs.count(), output_rows=sum(status.values()), rejected=rejected, output=out,
+        extra={"source": storage.qualify(cfg.source.path), "layout": cfg.source.layout,
+               "caption_status": status, "flags": flags},
+    )

@@ -1,0 +1,179 @@
+"""URIs and byte I/O: local paths, file://, s3:// / s3a://, gs://.
+
+Two routes, each where it fits:
+- the driver writes and checks small objects (summaries, markers) through Spark's own
+  Hadoop FileSystem, so every scheme the cluster reads (EMRFS, GCS connector, s3a) works;
+- executors read individual objects named in a table (manifest images, caption
+  sidecars) through pyarrow.fs, one filesystem per worker process, with a thread pool
+  to hide object-store latency.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+S3_SCHEMES = ("s3", "s3a", "s3n")
+
+
+def qualify(uri: str) -> str:
+    """Canonical form: local paths become file:///abs; other schemes are kept as given."""
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        path = "/" + path.lstrip("/")
+        return "file://" + posixpath.normpath(path)
+    if "://" in uri:
+        return uri
+    return "file://" + os.path.abspath(uri)
+
+
+def resolve(base_dir: str, ref: str) -> str:
+    """`ref` (absolute URI, absolute path or relative path) resolved against a directory URI."""
+    if "://" in ref or ref.startswith("file:"):
+        return qualify(ref)
+    base = qualify(base_dir)
+    if ref.startswith("/"):
+        if base.startswith("file://"):
+            return qualify(ref)
+        scheme_host = base[: base.index("/", base.index("://") + 3)]
+        return scheme_host + posixpath.normpath(ref)
+    split = urlsplit(base)
+    joined = posixpath.normpath(posixpath.join(split.path or "/", ref))
+    return f"{split.scheme}://{split.netloc}{joined}"
+
+
+def parent(uri: str) -> str:
+    q = qualify(uri)
+    return q.rsplit("/", 1)[0]
+
+
+# ---------------------------------------------------------------- driver side (Hadoop FS)
+
+
+def _hadoop(spark, uri: str):
+    jvm = spark._jvm
+    path = jvm.org.apache.hadoop.fs.Path(qualify(uri))
+    return path.getFileSystem(spark._jsc.hadoopConfiguration()), path
+
+
+def exists(spark, uri: str) -> bool:
+    fs, path = _hadoop(spark, uri)
+    return bool(fs.exists(path))
+
+
+def is_dir(spark, uri: str) -> bool:
+    fs, path = _hadoop(spark, uri)
+    return bool(fs.exists(path) and fs.getFileStatus(path).isDirectory())
+
+
+def write_bytes(spark, uri: str, data: bytes) -> None:
+    fs, path = _hadoop(spark, uri)
+    out = fs.create(path, True)
+    try:
+        out.write(bytearray(data))
+    finally:
+        out.close()
+
+
+def read_bytes(spark, uri: str) -> bytes:
+    fs, path = _hadoop(spark, uri)
+    length = int(fs.getFileStatus(path).getLen())
+    stream = fs.open(path)
+    try:
+        buf = spark._gateway.new_array(spark._jvm.byte, length)
+        stream.readFully(0, buf)
+        return bytes(buf)
+    finally:
+        stream.close()
+
+
+def delete(spark, uri: str) -> None:
+    fs, path = _hadoop(spark, uri)
+    if fs.exists(path):
+        fs.delete(path, True)
+
+
+# ---------------------------------------------------------------- executor side (pyarrow.fs)
+
+
+@functools.lru_cache(maxsize=16)
+def arrow_filesystem(scheme: str, endpoint: str | None = None, region: str | None = None) -> pafs.FileSystem:
+    """One filesystem object per worker process and scheme (credentials from the environment)."""
+    if scheme == "file":
+        return pafs.LocalFileSystem()
+    if scheme in S3_SCHEMES:
+        kwargs = {}
+        if endpoint:
+            parts = urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+            kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs)
+    if scheme == "gs":
+        return pafs.GcsFileSystem()
+    raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file://, s3://, s3a:// or gs://")
+
+
+def arrow_path(uri: str) -> tuple[str, str]:
+    """(scheme, path as pyarrow.fs expects it) for a URI."""
+    q = qualify(uri)
+    split = urlsplit(q)
+    if split.scheme == "file":
+        return "file", split.path
+    return split.scheme, f"{split.netloc}{split.path}"
+
+
+def read_uri(uri: str, endpoint: str | None = None, region: str | None = None) -> bytes | None:
+    """The object's bytes, or None when it does not exist."""
+    scheme, path = arrow_path(uri)
+    fs = arrow_filesystem(scheme, endpoint, region)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        # pyarrow reports a missing object on some stores as a generic OSError
+        if "not found" in str(e).lower() or "no such file" in str(e).lower() or "is a directory" in str(e).lower():
+            return None
+        raise
+
+
+def _pmap(fn, items: list, threads: int) -> list:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def read_many(uris: list[str | None], threads: int, endpoint: str | None = None,
+              region: str | None = None) -> list[bytes | None]:
+    """read_uri over many URIs, `threads` at a time; None for missing objects and None URIs."""
+    return _pmap(lambda u: None if u is None else read_uri(u, endpoint, region), uris, threads)
+
+
+def sizes(uris: list[str], threads: int, endpoint: str | None = None,
+          region: str | None = None) -> list[int | None]:
+    """Object sizes in bytes (None where missing), without reading contents."""
+    def one(u):
+        scheme, path = arrow_path(u)
+        info = arrow_filesystem(scheme, endpoint, region).get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    return _pmap(one, uris, threads)
+
+
+def list_files(root: str, endpoint: str | None = None, region: str | None = None) -> list[tuple[str, int]]:
+    """Every file under root, recursively, as (qualified URI, size), zero-byte files included
+    (Spark's file sources skip those, which would lose them silently)."""
+    q = qualify(root).rstrip("/")
+    scheme, path = arrow_path(q)
+    fs = arrow_filesystem(scheme, endpoint, region)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    prefix = q[: len(q) - len(path.rstrip("/"))]
+    return sorted((prefix + i.path, int(i.size)) for i in infos if i.type == pafs.FileType.File)
