@@ -15,8 +15,12 @@ JARS     := $(JARS_DIR)/hadoop-aws-3.3.1.jar $(JARS_DIR)/aws-java-sdk-bundle-1.1
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
+# Quiet JVM logging for local spark-submit runs.
+export SPARK_CONF_DIR := $(CURDIR)/conf/spark
+# spark-submit starts the JVM before the job reads its profile: give it the memory here.
+SUBMIT := spark-submit --driver-memory 6g
 
-.PHONY: setup demo test jars bench clean
+.PHONY: setup demo test jars clean
 
 # Reinstalls only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -34,15 +38,12 @@ jars: $(JARS)
 
 demo: setup
 	$(BIN)/python jobs/make_sample.py --config $(CONFIG)
-	spark-submit jobs/ingest.py --config $(CONFIG)
+	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
 	@echo
 	@echo "Demo done. Results are under ./data/lake (tables/posts, tables/rejected, */_SUMMARY.json)."
 
 test: setup jars
 	$(BIN)/python -m pytest
-
-bench: setup
-	@ls bench/*.py
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

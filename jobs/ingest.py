@@ -17,9 +17,9 @@ from sparkml import cli
 from sparkml.sources import ingest
 
 
-def body(spark, cfg, args):
-    return ingest(spark, cfg)
+def main(argv=None) -> int:
+    return cli.run("ingest", __doc__, lambda spark, cfg, args: ingest(spark, cfg), argv)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run("ingest", __doc__, body))
+    sys.exit(main())

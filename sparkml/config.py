@@ -42,7 +42,7 @@ class S3(Section):
 
 class Sample(Section):
     out: str = Field("./data/sample", description="local folder the sample generator writes")
-    posts: int = Field(2000, ge=20, description="number of regular posts (planted mess comes on top)")
+    posts: int = Field(2000, ge=60, description="number of regular posts (planted mess comes on top; at least 60)")
     seed: int = Field(7, description="seed: the same seed gives byte-identical files")
     size: int = Field(640, ge=64, description="side of the regular square images (Instagram's 640)")
     workers: int = Field(2, ge=1, description="processes rendering images")

@@ -82,12 +82,9 @@ def write_bytes(spark, uri: str, data: bytes) -> None:
 
 def read_bytes(spark, uri: str) -> bytes:
     fs, path = _hadoop(spark, uri)
-    length = int(fs.getFileStatus(path).getLen())
     stream = fs.open(path)
     try:
-        buf = spark._gateway.new_array(spark._jvm.byte, length)
-        stream.readFully(0, buf)
-        return bytes(buf)
+        return bytes(spark._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
     finally:
         stream.close()
 

@@ -1,0 +1,93 @@
+"""One real local Spark session and one moto S3 server for the whole test run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+JARS = ROOT / ".cache" / "jars"
+
+# Credentials for the moto endpoint; set before Spark starts so its workers inherit them.
+os.environ.update({
+    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1",
+})
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_sets(moto_endpoint) -> list[str]:
+    """--set options that point a job at the moto server."""
+    return ["--set", f"s3.endpoint={moto_endpoint}", "--set", "s3.path_style_access=true"]
+
+
+@pytest.fixture(scope="session")
+def spark(moto_endpoint, tmp_path_factory):
+    from sparkml.config import load_config
+    from sparkml.jars import jar_paths
+    from sparkml.session import get_session
+
+    jars = jar_paths(JARS)
+    missing = [str(j) for j in jars if not j.exists()]
+    assert not missing, f"s3a jars missing: {missing}; run `make jars`"
+    cfg = load_config(ROOT / "conf" / "local.yaml", [
+        f"lake={tmp_path_factory.mktemp('lake')}",
+        "spark.master=local[2]", "spark.driver.memory=3g", "spark.sql.shuffle.partitions=4",
+        f"spark.jars={','.join(str(j) for j in jars)}",
+        f"s3.endpoint={moto_endpoint}", "s3.path_style_access=true",
+    ])
+    session = get_session(cfg, app_name="tests")
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def sample(tmp_path_factory):
+    """A generated sample (150 posts + planted mess) shared by the tests that only read it."""
+    from sparkml.config import Sample
+    from sparkml.sample import generate
+
+    out = tmp_path_factory.mktemp("sample") / "s"
+    truth = generate(Sample(out=str(out), posts=150, seed=11, size=320, workers=2))
+    return out, truth
+
+
+def load_job(name: str):
+    """Import jobs/<name>.py as a module (jobs/ is not a package: spark-submit runs the files)."""
+    spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_job(name: str, *args: str) -> int:
+    return load_job(name).main(["--config", str(ROOT / "conf" / "local.yaml"), *args])
+
+
+def planted(truth: dict, kind: str, layout: str = "instacities") -> list[dict]:
+    return [c for c in truth["planted"] if c["kind"] == kind and layout in c.get("layouts", [layout])]
