@@ -112,7 +112,7 @@ def render(style: CityStyle, topics: list[str], rng: np.random.Generator, size: 
     """Draw one post's image: city palette, texture and landmarks, then topic cues."""
     h = w = BASE
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) / BASE
-    horizon = style.horizon + rng.normal(0, 0.04)
+    horizon = style.horizon + rng.normal(0, 0.08)
     sky = np.array(style.sky, np.float32) + rng.normal(0, 12, 3)
     ground = np.array(style.ground, np.float32) + rng.normal(0, 12, 3)
     img = np.empty((h, w, 3), np.float32)
@@ -129,6 +129,14 @@ def render(style: CityStyle, topics: list[str], rng: np.random.Generator, size: 
 
     pil = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(pil)
+    # Scene clutter: a few large objects of random tone and place. They carry no label, but
+    # give every photo its own coarse layout, as real photos have (perceptual hashes of
+    # distinct images must differ as they do on real data).
+    for _ in range(int(rng.integers(4, 8))):
+        cx, cy = rng.uniform(0, 1) * w, rng.uniform(0, 1) * h
+        rx, ry = rng.uniform(0.1, 0.3) * w, rng.uniform(0.1, 0.3) * h
+        tone = tuple(int(v) for v in np.clip(rng.uniform(10, 245) + rng.normal(0, 20, 3), 0, 255))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([cx - rx, cy - ry, cx + rx, cy + ry], fill=tone)
     accent = tuple(int(np.clip(c + rng.normal(0, 15), 0, 255)) for c in style.accent)
     for _ in range(int(rng.integers(3, 7))):
         cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.15, 0.85) * h
@@ -166,22 +174,26 @@ def _shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: float,
 
 
 def _topic_cue(draw: ImageDraw.ImageDraw, topic: str, rng: np.random.Generator, w: int, h: int, horizon: float) -> None:
+    """Each topic's cue, placed and sized at random so it is recognisable but not a fixed layout."""
+    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.35, 0.7) * h, rng.uniform(0.15, 0.3) * w
     if topic == "beach":
-        draw.rectangle([0, int(h * 0.75), w, h], fill=(230, 210, 150))
-        draw.rectangle([0, int(h * 0.65), w, int(h * 0.75)], fill=(40, 120, 200))
+        top = rng.uniform(0.6, 0.85) * h
+        draw.rectangle([0, top, w, h], fill=(230, 210, 150))
+        draw.rectangle([0, top - rng.uniform(0.06, 0.14) * h, w, top], fill=(40, 120, 200))
     elif topic == "food":
-        draw.ellipse([w * 0.25, h * 0.3, w * 0.75, h * 0.8], fill=(245, 245, 240))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(245, 245, 240))
         for _ in range(4):
-            x, y = rng.uniform(0.35, 0.6) * w, rng.uniform(0.4, 0.65) * h
+            x, y = cx + rng.uniform(-0.6, 0.4) * r, cy + rng.uniform(-0.6, 0.4) * r
             c = tuple(int(v) for v in rng.integers(60, 230, 3))
-            draw.ellipse([x, y, x + w * 0.08, y + h * 0.08], fill=c)
+            draw.ellipse([x, y, x + r * 0.3, y + r * 0.3], fill=c)
     elif topic == "snow":
         for _ in range(300):
             x, y = rng.uniform(0, w), rng.uniform(0, h)
             draw.ellipse([x, y, x + 2, y + 2], fill=(250, 250, 255))
     elif topic == "skyline":
-        x = 0.0
-        while x < w:
+        x = rng.uniform(-0.2, 0.3) * w
+        end = x + rng.uniform(0.5, 1.0) * w
+        while x < end:
             bw = rng.uniform(0.04, 0.1) * w
             top = horizon * h - rng.uniform(0.1, 0.35) * h
             draw.rectangle([x, top, x + bw, horizon * h], fill=(35, 35, 45))
@@ -192,8 +204,8 @@ def _topic_cue(draw: ImageDraw.ImageDraw, topic: str, rng: np.random.Generator, 
             c = tuple(int(v) for v in rng.integers(0, 256, 3))
             draw.rectangle([x, y, x + 4, y + 3], fill=c)
     elif topic == "coffee":
-        draw.ellipse([w * 0.3, h * 0.35, w * 0.7, h * 0.75], fill=(235, 225, 210))
-        draw.ellipse([w * 0.36, h * 0.41, w * 0.64, h * 0.69], fill=(110, 70, 40))
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(235, 225, 210))
+        draw.ellipse([cx - 0.7 * r, cy - 0.7 * r, cx + 0.7 * r, cy + 0.7 * r], fill=(110, 70, 40))
 
 
 def caption_for(city: str, topics: list[str], rng: np.random.Generator) -> str:
@@ -356,10 +368,10 @@ def generate(cfg: Sample) -> dict:
             data = _encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
             detail = f"resized x{s:.2f}"
         else:
-            f = float(rng.uniform(0.03, 0.08))
+            f = float(rng.uniform(0.005, 0.015))  # lightly: pHash cannot see through heavier crops
             dx, dy = int(img.width * f), int(img.height * f)
             data = _encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
-            detail = f"cropped {f:.0%} per side"
+            detail = f"cropped {f:.1%} per side"
         p = new_post(src, caption=caption_for(by_id[src].city, by_id[src].topics, rng))
         images[p.post_id] = data
         captions_raw[p.post_id] = p.caption.encode()

@@ -16,6 +16,12 @@ class Reason(str, Enum):
     DUPLICATE_POST = "duplicate_post"        # the same post_id was already ingested
     BAD_MANIFEST_ROW = "bad_manifest_row"    # a manifest row without post_id/image, or unparsable
     UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
+    # prepare_images
+    NOT_AN_IMAGE = "not_an_image"            # the bytes are no image format we read (an HTML error page, ...)
+    DECOMPRESSION_BOMB = "decompression_bomb"  # the header claims more pixels than prepare.max_pixels
+    TRUNCATED_IMAGE = "truncated_image"      # the file ends before the image data does
+    CORRUPT_IMAGE = "corrupt_image"          # the decoder failed for another reason
+    TOO_SMALL = "too_small"                  # smaller than prepare.min_side (icons, tracking pixels)
 
 
 class CaptionStatus(str, Enum):
