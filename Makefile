@@ -39,8 +39,10 @@ jars: $(JARS)
 demo: setup
 	$(BIN)/python jobs/make_sample.py --config $(CONFIG)
 	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
+	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG)
+	$(SUBMIT) jobs/dedup.py --config $(CONFIG)
 	@echo
-	@echo "Demo done. Results are under ./data/lake (tables/posts, tables/rejected, */_SUMMARY.json)."
+	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, rejected; each with _SUMMARY.json)."
 
 test: setup jars
 	$(BIN)/python -m pytest

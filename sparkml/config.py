@@ -58,6 +58,32 @@ class Ingest(Section):
     partition_mb: int = Field(128, ge=1, description="target image bytes per task when reading a manifest's images")
 
 
+class Prepare(Section):
+    size: int = Field(300, ge=16, description="side of the prepared square images (InstaCities1M used 300)")
+    policy: Literal["squash", "crop"] = Field(
+        "squash", description="squash: whole image to a square, as the original did; crop: centre square keeping aspect")
+    quality: int = Field(90, ge=1, le=100, description="JPEG quality of the prepared images")
+    max_pixels: int = Field(100_000_000, ge=1, description="images whose header claims more pixels are rejected undecoded")
+    min_side: int = Field(32, ge=1, description="images smaller than this on a side are rejected (icons, tracking pixels)")
+    batch_rows: int = Field(64, ge=1, description="images per Arrow batch handed to Python")
+
+
+class Dedup(Section):
+    max_hamming: int = Field(
+        6, ge=0, le=32, description="near-duplicate if pHash Hamming distance <= this (see docs/benchmarks.md)")
+    bands: int = Field(4, ge=1, le=16, description="hash bands of the exact multi-index search (4 x 16 bits)")
+
+
+class Dataset(Section):
+    name: str = Field("cities", pattern=r"^[A-Za-z0-9_-]+$", description="dataset folder under <lake>/datasets/")
+    train: float = Field(0.80, gt=0, lt=1, description="fraction of posts in train (by a hash of post_id)")
+    val: float = Field(0.05, ge=0, lt=1, description="fraction in val; test gets the rest")
+    respect_source_split: bool = Field(True, description="keep the split the source gave (InstaCities split layout)")
+    row_group_mb: int = Field(32, ge=1, description="Parquet row-group size of the Petastorm files")
+    ranks: int = Field(8, ge=1, description="training ranks to plan for: train gets ranks x row_groups_per_rank groups at least")
+    row_groups_per_rank: int = Field(4, ge=1, description="row groups each training rank should get at least")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -68,6 +94,9 @@ class Config(Section):
     s3: S3 = Field(default_factory=S3)
     sample: Sample = Field(default_factory=Sample)
     ingest: Ingest = Field(default_factory=Ingest)
+    prepare: Prepare = Field(default_factory=Prepare)
+    dedup: Dedup = Field(default_factory=Dedup)
+    dataset: Dataset = Field(default_factory=Dataset)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

@@ -211,3 +211,45 @@ def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
         pa.array([r.reason.value if isinstance(r, Rejected) else None for r in results], pa.string()),
         pa.array([r.detail if isinstance(r, Rejected) else None for r in results], pa.string()),
     ], schema=IMAGES_ARROW)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def prepare_images(spark, cfg) -> "Summary":
+    """posts -> <lake>/tables/images (+ rejects): one prepared image per decodable post."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
+    from sparkml.schemas import IMAGES
+
+    lake = Lake(cfg.lake)
+    out = lake.table("images")
+    begin_output(spark, out)
+    posts = read_table(spark, lake.table("posts"), "ingest")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.prepare.batch_rows))
+    opts = dict(size=cfg.prepare.size, policy=cfg.prepare.policy, quality=cfg.prepare.quality,
+                max_pixels=cfg.prepare.max_pixels, min_side=cfg.prepare.min_side)
+    schema = T.StructType([T.StructField(f.name, f.dataType, True) for f in IMAGES.fields]
+                          + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+    # Decoding is the cost: do it once, keep the result on local disk for the two writes.
+    result = (posts.select("post_id", "image_bytes")
+              .mapInArrow(lambda batches: (prepare_batch(b, **opts) for b in batches), schema)
+              .persist(StorageLevel.DISK_ONLY))
+    rejected = write_rejected(spark, lake, "prepare_images",
+                              result.where(F.col("reason").isNotNull()).select("post_id", "reason", "detail"))
+    result.where(F.col("reason").isNull()).select(*IMAGES.fieldNames()).write.mode("overwrite").parquet(out)
+    result.unpersist()
+    images = spark.read.parquet(out)
+    counts = images.groupBy("format", "mode").count().collect()
+    formats: dict[str, int] = {}
+    modes: dict[str, int] = {}
+    for r in counts:
+        formats[r["format"]] = formats.get(r["format"], 0) + r["count"]
+        modes[r["mode"]] = modes.get(r["mode"], 0) + r["count"]
+    return Summary(stage="prepare_images", input_rows=posts.count(), output_rows=sum(formats.values()),
+                   rejected=rejected, output=out,
+                   extra={"formats": formats, "modes": modes, "size": cfg.prepare.size, "policy": cfg.prepare.policy,
+                          "reoriented": images.where("orientation != 1").count()})

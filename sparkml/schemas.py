@@ -63,3 +63,22 @@ REJECTED = T.StructType([
 
 # A manifest is read with every column as text; ingest casts and validates.
 MANIFEST_COLUMNS = ("post_id", "image", "caption", "city", "user_id", "likes", "followers", "posted_at")
+
+IMAGES = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("image", T.BinaryType(), False),       # JPEG, prepare.size square, RGB
+    T.StructField("width", T.IntegerType(), False),      # original size as displayed (EXIF applied)
+    T.StructField("height", T.IntegerType(), False),
+    T.StructField("format", T.StringType(), False),      # jpeg, png, gif, webp, bmp, tiff
+    T.StructField("mode", T.StringType(), False),        # original colour mode
+    T.StructField("orientation", T.IntegerType(), False),  # EXIF orientation applied
+    T.StructField("sha256", T.StringType(), False),      # of the original bytes
+    T.StructField("phash", T.LongType(), False),         # 64-bit DCT perceptual hash of the prepared image
+])
+
+DUPLICATES = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("canonical_post_id", T.StringType(), False),
+    T.StructField("kind", T.StringType(), False),        # exact (same bytes) | near (pHash within dedup.max_hamming)
+    T.StructField("hamming", T.IntegerType(), False),
+])

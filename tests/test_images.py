@@ -1,0 +1,121 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sparkml.images import Prepared, Rejected, hamming, phash, prepare_image, sniff
+from sparkml.sample import IMG_DIR
+from sparkml.schemas import Reason
+from tests.conftest import SHARED, planted
+
+REAL = SHARED / "data" / "realsample"
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=95, **kw)
+    return buf.getvalue()
+
+
+def _decode(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+
+
+def _file(root: Path, pid: str) -> bytes:
+    (path,) = list((root / IMG_DIR).glob(f"*/{pid}.*"))
+    return path.read_bytes()
+
+
+def test_bad_files_become_reasons(sample):
+    root, truth = sample
+    expect = {"truncated": Reason.TRUNCATED_IMAGE, "not_an_image": Reason.NOT_AN_IMAGE,
+              "decompression_bomb": Reason.DECOMPRESSION_BOMB, "zero_byte": Reason.NOT_AN_IMAGE}
+    for kind, reason in expect.items():
+        for case in planted(truth, kind):
+            out = prepare_image(_file(root, case["post_id"]))
+            assert isinstance(out, Rejected) and out.reason == reason, (kind, out)
+    assert prepare_image(b"GIF89a" + b"\x00" * 20).reason == Reason.CORRUPT_IMAGE
+    tiny = _jpeg(Image.new("RGB", (8, 8)))
+    assert prepare_image(tiny).reason == Reason.TOO_SMALL
+
+
+def test_odd_formats_and_modes_become_300px_rgb_jpeg(sample):
+    root, truth = sample
+    for kind in ("png", "png_as_jpg", "gif", "webp", "cmyk", "grayscale", "exif_rotated"):
+        for case in planted(truth, kind):
+            out = prepare_image(_file(root, case["post_id"]), size=300)
+            assert isinstance(out, Prepared), (kind, out)
+            assert sniff(out.image) == "jpeg"
+            img = Image.open(io.BytesIO(out.image))
+            assert img.size == (300, 300) and img.mode == "RGB"
+    (gif,) = planted(truth, "gif")
+    assert prepare_image(_file(root, gif["post_id"])).mode == "P"
+
+
+def test_exif_orientation_is_applied(sample):
+    root, truth = sample
+    for case in planted(truth, "exif_rotated"):
+        data = _file(root, case["post_id"])
+        out = prepare_image(data, size=128, policy="squash")
+        assert out.orientation == 6 and [out.width, out.height] == case["displayed_size"]
+        from PIL import ImageOps
+        shown = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB").resize((128, 128), Image.LANCZOS)
+        upright = _psnr(_decode(out.image), np.asarray(shown, np.float32))
+        sideways = _psnr(_decode(out.image), np.asarray(shown.rotate(90), np.float32))
+        assert upright > 25 and upright > sideways + 5
+
+
+def test_policies_and_quality_against_lanczos():
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).resize((1600, 1200), Image.BICUBIC)
+    data = _jpeg(base)
+    full = Image.open(io.BytesIO(data)).convert("RGB")
+    ref = np.asarray(full.resize((300, 300), Image.LANCZOS), np.float32)
+    baseline = _psnr(_decode(_jpeg(full.resize((300, 300), Image.LANCZOS))), ref)  # the original's way
+    squash = prepare_image(data, size=300, policy="squash", quality=95)
+    assert (squash.width, squash.height) == (1600, 1200)
+    assert _psnr(_decode(squash.image), ref) > baseline - 1  # DCT-domain 1/4 decode + area resize
+    crop = prepare_image(data, size=300, policy="crop", quality=95)
+    centre = np.asarray(full.crop((200, 0, 1400, 1200)).resize((300, 300), Image.LANCZOS), np.float32)
+    assert _psnr(_decode(crop.image), centre) > _psnr(_decode(crop.image), ref) + 3
+
+
+def test_transparency_goes_on_white():
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    buf = io.BytesIO()
+    rgba.save(buf, "PNG")
+    out = prepare_image(buf.getvalue(), size=32)
+    assert _decode(out.image).mean() > 240
+
+
+def test_phash_separates_real_photos_and_survives_reencoding():
+    photos = sorted((REAL / "faces").glob("*.jpg")) + sorted((REAL / "nonfaces").glob("*.jpg"))
+    assert len(photos) == 24
+    images = [Image.open(p).convert("RGB") for p in photos]
+    hashes = [int(phash(prepare_image(_jpeg(im)).gray32[None])[0]) for im in images]
+    distinct = [hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    assert min(distinct) > 12
+    for im, h in zip(images, hashes):
+        small = im.resize((im.width * 2 // 3, im.height * 2 // 3))
+        assert hamming(h, int(phash(prepare_image(_jpeg(small, subsampling=2)).gray32[None])[0])) <= 4
+
+
+def test_phash_batch_matches_single():
+    rng = np.random.default_rng(1)
+    g = rng.uniform(0, 255, (5, 32, 32)).astype(np.float32)
+    batch = phash(g)
+    assert batch.dtype == np.int64 and len(set(batch.tolist())) == 5
+    assert [int(phash(g[i:i + 1])[0]) for i in range(5)] == batch.tolist()
+    assert all(bin(int(h) & (2**64 - 1)).count("1") == 32 for h in batch)  # median split: half the bits
+
+
+@pytest.mark.parametrize("pair", [("1014", "1697"), ("1016", "1699"), ("1046", "469"), ("1050", "1733")])
+def test_real_reuploads_hash_identically(pair):
+    a, b = (prepare_image((REAL / "duplicates" / f"{p}.jpg").read_bytes()) for p in pair)
+    assert a.sha256 == b.sha256 and a.image == b.image

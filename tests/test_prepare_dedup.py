@@ -1,0 +1,97 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
+from sparkml.images import hamming
+from sparkml.lake import Lake, read_summary
+from sparkml.sample import MANIFEST
+from tests.conftest import planted, run_job
+
+
+def test_bands_and_masks():
+    assert band_bounds(4) == [(0, 16), (16, 32), (32, 48), (48, 64)]
+    assert sum(hi - lo for lo, hi in band_bounds(7)) == 64
+    assert probe_masks(16, 0) == [0]
+    assert len(probe_masks(16, 1)) == 17 and len(probe_masks(16, 2)) == 1 + 16 + 120
+    assert _components([("10", "9"), ("9", "300"), ("7", "8")]) == {"9": "9", "10": "9", "300": "9", "7": "7", "8": "7"}
+
+
+@pytest.mark.parametrize("t, bands", [(6, 4), (3, 4), (8, 3)])
+def test_band_search_finds_every_pair_a_brute_force_finds(spark, t, bands):
+    rng = np.random.default_rng(t)
+    def signed(u: int) -> int:
+        return u - (1 << 64) if u >= 1 << 63 else u
+
+    base = [int.from_bytes(rng.bytes(8), "big") for _ in range(60)]
+    hashes = list(base)
+    for h in base[:40]:  # neighbours at distance 0..t+2 of some hashes
+        flips = rng.choice(64, int(rng.integers(0, t + 3)), replace=False)
+        hashes.append(h ^ sum(1 << int(f) for f in flips))
+    rows = [(f"p{i}", signed(h)) for i, h in enumerate(hashes)]
+    reps = spark.createDataFrame(rows, "post_id string, phash long")
+    found = {(r.a, r.b) for r in candidate_pairs(reps, t, bands).where(f"hamming <= {t}").collect()}
+    brute = {(a, b) if a < b else (b, a) for i, (a, ha) in enumerate(rows) for b, hb in rows[i + 1:]
+             if hamming(ha, hb) <= t}
+    assert found == brute and len(brute) > 10
+
+
+@pytest.fixture(scope="module")
+def prepared(spark, sample, tmp_path_factory):
+    root, truth = sample
+    lake = tmp_path_factory.mktemp("lake_prep")
+    common = ["--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}", "--set", "source.layout=manifest"]
+    for job in ("ingest", "prepare_images", "dedup"):
+        assert run_job(job, *common) == 0, job
+    return Lake(str(lake)), truth
+
+
+def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):
+    lake, truth = prepared
+    s = read_summary(spark, lake.table("images"))
+    posts = read_summary(spark, lake.table("posts"))
+    assert s["balanced"] and s["input_rows"] == posts["output_rows"]
+    rejected = spark.read.parquet(lake.rejected("prepare_images")).toPandas()
+    by_reason = rejected.groupby("reason").post_id.apply(set).to_dict()
+    assert by_reason == {
+        "truncated_image": {c["post_id"] for c in planted(truth, "truncated")},
+        "not_an_image": {c["post_id"] for c in planted(truth, "not_an_image")},
+        "decompression_bomb": {c["post_id"] for c in planted(truth, "decompression_bomb")},
+    }
+    images = spark.read.parquet(lake.table("images"))
+    assert images.count() == s["output_rows"] and s["reoriented"] == len(planted(truth, "exif_rotated"))
+    assert s["formats"]["png"] == 3 and s["formats"]["gif"] == 1 and s["formats"]["webp"] == 1
+    assert s["modes"]["CMYK"] == 2 and s["modes"]["L"] == 2
+    one = images.where("format = 'jpeg'").first()
+    assert bytes(one.image)[:3] == b"\xff\xd8\xff" and len(one.sha256) == 64
+
+
+def test_dedup_finds_planted_duplicates(spark, prepared):
+    lake, truth = prepared
+    s = read_summary(spark, lake.table("duplicates"))
+    assert s["balanced"] and s["input_rows"] == s["output_rows"] + s["duplicates"]["exact"] + s["duplicates"]["near"]
+    dups = spark.read.parquet(lake.table("duplicates")).toPandas()
+    found = set(zip(dups.post_id, dups.canonical_post_id))
+    exact = {(c["post_id"], c["of"]) for c in planted(truth, "exact_duplicate")}
+    near = {(c["post_id"], c["of"]) for c in planted(truth, "near_duplicate")}
+    assert exact <= found  # exact recall 1.0
+    assert len(near & found) / len(near) >= 0.95
+    assert len(found & (exact | near)) / len(found) >= 0.99
+    assert set(dups.loc[dups.post_id.isin([p for p, _ in exact]), "kind"]) == {"exact"}
+    assert (dups.loc[dups.kind == "exact", "hamming"] == 0).all()
+    assert dups.loc[dups.kind == "near", "hamming"].between(0, 6).all()
+    assert s["candidate_pairs"] < 0.05 * s["input_rows"] ** 2 / 2  # not all pairs
+
+
+def test_dedup_rerun_is_identical(spark, prepared, sample):
+    lake, truth = prepared
+    root, _ = sample
+    before = spark.read.parquet(lake.table("duplicates")).toPandas().sort_values("post_id").reset_index(drop=True)
+    assert run_job("dedup", "--set", f"lake={lake.root}", "--set", f"source.path={root / MANIFEST}") == 0
+    after = spark.read.parquet(lake.table("duplicates")).toPandas().sort_values("post_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_downstream_refuses_missing_upstream(spark, tmp_path, capsys):
+    assert run_job("dedup", "--set", f"lake={tmp_path}") == 2
+    assert "run jobs/prepare_images.py first" in capsys.readouterr().err
