@@ -41,8 +41,9 @@ demo: setup
 	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
 	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG)
 	$(SUBMIT) jobs/dedup.py --config $(CONFIG)
+	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG)
 	@echo
-	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, rejected; each with _SUMMARY.json)."
+	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, rejected; datasets/cities; each with _SUMMARY.json)."
 
 test: setup jars
 	$(BIN)/python -m pytest

@@ -22,6 +22,8 @@ class Reason(str, Enum):
     TRUNCATED_IMAGE = "truncated_image"      # the file ends before the image data does
     CORRUPT_IMAGE = "corrupt_image"          # the decoder failed for another reason
     TOO_SMALL = "too_small"                  # smaller than prepare.min_side (icons, tracking pixels)
+    # build_dataset
+    NO_LABEL = "no_label"                    # the dataset's label (city) is missing for this post
 
 
 class CaptionStatus(str, Enum):

@@ -1,0 +1,94 @@
+"""Petastorm training datasets: the Unischema (declared once, here, beside the writer; the
+torch loaders import it) and the builder.
+
+    <lake>/datasets/<name>/{train,val,test}   Petastorm datasets (Parquet + Unischema metadata)
+    <lake>/datasets/<name>/labels.json         label index -> city name
+    <lake>/datasets/<name>/_SUMMARY.json
+
+The prepared JPEG bytes go into the image column as they are: Petastorm's
+CompressedImageCodec('jpeg') decodes them at read time, so nothing is re-encoded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from petastorm.codecs import CompressedImageCodec, ScalarCodec
+from petastorm.etl.dataset_metadata import materialize_dataset
+from petastorm.unischema import Unischema, UnischemaField
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from sparkml import storage
+from sparkml.config import Config, ConfigError
+from sparkml.dedup import unique_images
+from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
+from sparkml.schemas import Reason
+
+SPLITS = ("train", "val", "test")
+
+
+def cities_schema(size: int) -> Unischema:
+    """The city classifier's dataset: a size x size RGB image, its post and its city label."""
+    return Unischema("CitiesSchema", [
+        UnischemaField("post_id", np.str_, (), ScalarCodec(T.StringType()), False),
+        UnischemaField("image", np.uint8, (size, size, 3), CompressedImageCodec("jpeg"), False),
+        UnischemaField("city", np.str_, (), ScalarCodec(T.StringType()), False),
+        UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
+    ])
+
+
+def assign_split(df: DataFrame, train: float, val: float, respect_source: bool) -> DataFrame:
+    """Deterministic split by a hash of post_id (the source's split wins where it gave one)."""
+    u = F.pmod(F.xxhash64(F.col("post_id")), F.lit(1_000_000)) / 1_000_000.0
+    hashed = F.when(u < train, "train").when(u < train + val, "val").otherwise("test")
+    if respect_source and "split" in df.columns:
+        hashed = F.coalesce(F.when(F.col("split").isin(*SPLITS), F.col("split")), hashed)
+    return df.withColumn("split", hashed)
+
+
+def materialize(spark: SparkSession, df: DataFrame, url: str, schema: Unischema, row_group_mb: int,
+                min_row_groups: int) -> int:
+    """Write df (columns = schema fields) as a Petastorm dataset with at least min_row_groups
+    row groups (so every training rank gets several), else one per row_group_mb."""
+    stats = df.agg(F.count("*").alias("n"), F.sum(F.length("image")).alias("bytes")).first()
+    n = int(stats["n"])
+    parts = max(1, min(n, max(min_row_groups, math.ceil((stats["bytes"] or 0) / (row_group_mb << 20)))))
+    with materialize_dataset(spark, url, schema, row_group_mb):
+        (df.select(*schema.fields.keys()).repartition(parts, "post_id")
+         .sortWithinPartitions("post_id").write.mode("overwrite").parquet(url))
+    return n
+
+
+def build_dataset(spark: SparkSession, cfg: Config) -> Summary:
+    """Unique images + city labels -> <lake>/datasets/<name>/{train,val,test}."""
+    lake = Lake(cfg.lake)
+    d = cfg.dataset
+    if d.train + d.val >= 1:
+        raise ConfigError(f"dataset.train + dataset.val must be < 1 (got {d.train} + {d.val})")
+    root = lake.dataset(d.name)
+    begin_output(spark, root)
+    images = unique_images(spark, lake)
+    posts = read_table(spark, lake.table("posts"), "ingest").select("post_id", "city", "split")
+    joined = images.select("post_id", "image").join(posts, "post_id")
+    no_city = joined.where(F.col("city").isNull() | (F.trim("city") == ""))
+    labelled = joined.where(F.col("city").isNotNull() & (F.trim("city") != ""))
+    cities = sorted(r["city"] for r in labelled.select("city").distinct().collect())
+    index = spark.createDataFrame([(c, i) for i, c in enumerate(cities)], "city string, label int")
+    rows = assign_split(labelled.join(F.broadcast(index), "city"), d.train, d.val, d.respect_source_split).persist()
+    schema = cities_schema(cfg.prepare.size)
+    counts = {}
+    for split in SPLITS:
+        groups = d.ranks * (d.row_groups_per_rank if split == "train" else 1)
+        counts[split] = materialize(spark, rows.where(F.col("split") == split), f"{root}/{split}", schema,
+                                    d.row_group_mb, groups)
+    rows.unpersist()
+    storage.write_bytes(spark, f"{root}/labels.json", json.dumps(cities, indent=1).encode())
+    rejected = write_rejected(spark, lake, "build_dataset",
+                              no_city.select("post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
+                                             F.lit("post has no city").alias("detail")))
+    return Summary(stage="build_dataset", input_rows=images.count(), output_rows=sum(counts.values()),
+                   rejected=rejected, output=root, extra={"splits": counts, "labels": cities, "dataset": d.name})
