@@ -30,6 +30,16 @@ def _read(spark, lake: Path):
     return posts, rejected, read_summary(spark, lk.table("posts"))
 
 
+def _ingest(lake, source, layout: str) -> int:
+    return run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={source}", "--set", f"source.layout={layout}")
+
+
+def _ingested(spark, tmp_path_factory, name: str, source, layout: str):
+    lake = tmp_path_factory.mktemp(name)
+    assert _ingest(lake, source, layout) == 0
+    return _read(spark, lake)
+
+
 def _ids(rejected: pd.DataFrame, reason: str) -> set:
     return set(rejected.loc[rejected.reason == reason, "post_id"])
 
@@ -37,10 +47,7 @@ def _ids(rejected: pd.DataFrame, reason: str) -> set:
 @pytest.fixture(scope="module")
 def instacities_run(spark, sample, tmp_path_factory):
     root, truth = sample
-    lake = tmp_path_factory.mktemp("lake_ic")
-    assert run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={root}",
-                   "--set", "source.layout=instacities") == 0
-    return _read(spark, lake), truth, root
+    return _ingested(spark, tmp_path_factory, "lake_ic", root, "instacities"), truth, root
 
 
 def test_instacities_accounts_for_every_file(instacities_run):
@@ -83,10 +90,7 @@ def test_instacities_keeps_bytes_and_flags_captions(instacities_run):
 @pytest.fixture(scope="module")
 def manifest_run(spark, sample, tmp_path_factory):
     root, truth = sample
-    lake = tmp_path_factory.mktemp("lake_mf")
-    assert run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}",
-                   "--set", "source.layout=manifest") == 0
-    return _read(spark, lake), truth, root
+    return _ingested(spark, tmp_path_factory, "lake_mf", root / MANIFEST, "manifest"), truth, root
 
 
 def test_manifest_accounts_for_every_row(manifest_run):
@@ -130,8 +134,7 @@ def test_csv_and_parquet_manifests_with_odd_values(spark, sample, tmp_path):
     rows.to_parquet(pq_path)
     for i, path in enumerate((csv, pq_path)):
         lake = tmp_path / f"lake{i}"
-        assert run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={path}",
-                       "--set", "source.layout=manifest") == 0
+        assert _ingest(lake, path, "manifest") == 0
         posts, rejected, summary = _read(spark, lake)
         df = posts.drop("image_bytes").toPandas().set_index("post_id").sort_index()
         assert list(df.index) == ["a1", "a2", "a3", "a4"]
@@ -160,8 +163,7 @@ def test_split_layout_and_stray_files(spark, sample, tmp_path):
     (tree / "img" / "other" / "london").mkdir(parents=True)
     shutil.copy(src[0], tree / "img" / "other" / "london" / "9.jpg")       # not a split
     lake = tmp_path / "lake"
-    assert run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={tree}",
-                   "--set", "source.layout=instacities") == 0
+    assert _ingest(lake, tree, "instacities") == 0
     posts, rejected, summary = _read(spark, lake)
     df = posts.drop("image_bytes").toPandas().set_index("post_id")
     assert {df.loc[img.stem, "split"] for img in src} == {"train", "val", "test"}
@@ -186,8 +188,6 @@ def test_rerun_replaces_outputs(spark, sample, tmp_path):
 
 
 def test_missing_source_exits_2(spark, tmp_path, capsys):
-    assert run_job("ingest", "--set", f"lake={tmp_path}", "--set", f"source.path={tmp_path}/nothing.jsonl",
-                   "--set", "source.layout=manifest") == 2
+    assert _ingest(tmp_path, f"{tmp_path}/nothing.jsonl", "manifest") == 2
     assert "does not exist" in capsys.readouterr().err
-    assert run_job("ingest", "--set", f"lake={tmp_path}", "--set", f"source.path={tmp_path}",
-                   "--set", "source.layout=instacities") == 2
+    assert _ingest(tmp_path, tmp_path, "instacities") == 2
