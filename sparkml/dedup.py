@@ -21,7 +21,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from sparkml.config import Config
-from sparkml.lake import Lake, Summary, begin_output, read_table
+from sparkml.lake import Lake, Summary, begin_output, read_table, union_all
 from sparkml.schemas import DUPLICATES
 
 
@@ -54,13 +54,7 @@ def candidate_pairs(reps: DataFrame, max_hamming: int, bands: int) -> DataFrame:
         masks = F.array(*[F.lit(m).cast("long") for m in probe_masks(hi - lo, radius)])
         probes.append(reps.select(F.col("post_id").alias("b"), F.lit(i).alias("band"),
                                   F.explode(F.transform(masks, lambda m: value.bitwiseXOR(m))).alias("value")))
-    idx = index[0]
-    for d in index[1:]:
-        idx = idx.unionByName(d)
-    prb = probes[0]
-    for d in probes[1:]:
-        prb = prb.unionByName(d)
-    pairs = (idx.withColumnRenamed("post_id", "a").join(prb, ["band", "value"])
+    pairs = (union_all(index).withColumnRenamed("post_id", "a").join(union_all(probes), ["band", "value"])
              .where(F.col("a") < F.col("b")).select("a", "b").distinct())
     ph = reps.select("post_id", "phash")
     return (pairs.join(ph.withColumnRenamed("post_id", "a").withColumnRenamed("phash", "pa"), "a")

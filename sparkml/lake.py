@@ -111,6 +111,14 @@ def write_rejected(spark: SparkSession, lake: Lake, stage: str, rejects: DataFra
     return {r["reason"]: int(r["count"]) for r in counts}
 
 
+def union_all(frames: list[DataFrame]) -> DataFrame:
+    """unionByName over a non-empty list of frames with the same columns."""
+    out = frames[0]
+    for f in frames[1:]:
+        out = out.unionByName(f)
+    return out
+
+
 def timed(fn):
     """Run fn() and return (result, seconds)."""
     t0 = time.perf_counter()

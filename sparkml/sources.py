@@ -17,7 +17,7 @@ from pyspark.sql import types as T
 
 from sparkml import storage
 from sparkml.config import Config, ConfigError
-from sparkml.lake import Lake, Summary, begin_output, write_rejected
+from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected
 from sparkml.schemas import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, POSTS, CaptionStatus, Reason
 
 STAGE = "ingest"
@@ -96,7 +96,7 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
     keys = ["split", "city", "post_id"] if with_split else ["city", "post_id"]
     caps = _listing(spark, cap_root, with_split, cfg).where(F.col("ok") & (F.col("ext") == "txt"))
     orphans = caps.join(good.select(*keys), keys, "left_anti")
-    rejects = _union([
+    rejects = union_all([
         _rejects(meta.where(~is_image).withColumn("post_id", F.lit(None).cast("string")),
                  Reason.UNRECOGNIZED_FILE, F.col("uri")),
         _rejects(dropped, Reason.DUPLICATE_POST, F.concat(F.col("uri"), F.lit(" duplicates "), F.col("kept_as"))),
@@ -111,13 +111,6 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
                     F.col("uri").alias("image_uri"), F.col("size").alias("image_size")))
     inputs = meta.select(F.col("uri").alias("key")).unionByName(orphans.select(F.col("uri").alias("key")))
     return todo, rejects, inputs
-
-
-def _union(frames: list[DataFrame]) -> DataFrame:
-    out = frames[0]
-    for f in frames[1:]:
-        out = out.unionByName(f)
-    return out
 
 
 # ---------------------------------------------------------------- manifest layout
@@ -196,7 +189,7 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
                                              names=sized_schema.fieldNames())
 
     sized = kept.mapInArrow(stat, sized_schema).persist()
-    rejects = _union([
+    rejects = union_all([
         _rejects(bad, Reason.BAD_MANIFEST_ROW, F.col("_problem")),
         _rejects(dropped, Reason.DUPLICATE_POST, F.lit("post_id repeated in the manifest")),
         _rejects(sized.where(F.col("image_size").isNull()), Reason.IMAGE_MISSING,
