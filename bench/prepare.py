@@ -1,0 +1,172 @@
+"""Benchmark 1 and 2 of image preparation (issue 3).
+
+1. Per-core throughput of our per-image path (prepare_batch: sniff, header bomb check,
+   DCT-domain JPEG decode, INTER_AREA resize, JPEG encode, SHA-256, pHash) against the
+   original study's way, measured in the same run on the same bytes: a plain Python loop of
+   PIL open -> resize((300, 300), LANCZOS) -> save JPEG. Both write JPEG at the same quality
+   (90, our default) so the comparison is of the same output. Quality: PSNR of each result
+   against the reference (full decode + LANCZOS, not re-encoded); ours must be within 1 dB of
+   the baseline's. Sets: 640x640 (Instagram's size) and 3024x4032 (12 MP phone photos), made
+   from real photographs (see _common.real_photos) with mild sensor-like noise.
+2. Spark scaling: jobs/prepare_images.py end to end (read posts, decode, write images +
+   rejects) with spark.master local[1] and local[2] on the same posts table.
+
+Our path is timed at the default prepare.oversample (1.25: decode to >= 375 px, Lanczos to
+300) and at 1.0 (decode straight to >= 300 px in the DCT domain: faster, softer).
+
+    .venv/bin/python bench/prepare.py [--n640 240] [--nphone 24] [--spark 2000] [--no-spark]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+
+import numpy as np
+from _common import CACHE, header, real_photos, run_job, single_core
+
+import cv2  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sparkml.images import prepare_batch  # noqa: E402
+
+QUALITY = 90
+SIZE = 300
+
+
+def make_set(name: str, n: int, shape: tuple[int, int], seed: int = 0) -> list[bytes]:
+    """n JPEGs of shape (h, w) from real photos: random crop, flip, resize, noise; cached on disk."""
+    d = CACHE / "prepare" / f"{name}-{n}"
+    files = sorted(d.glob("*.jpg"))
+    if len(files) == n:
+        return [f.read_bytes() for f in files]
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    photos = real_photos()
+    h, w = shape
+    out = []
+    for i in range(n):
+        src = photos[i % len(photos)]
+        sh, sw = src.shape[:2]
+        ch, cw = int(sh * rng.uniform(0.8, 1)), int(sw * rng.uniform(0.8, 1))
+        y, x = rng.integers(0, sh - ch + 1), rng.integers(0, sw - cw + 1)
+        arr = src[y:y + ch, x:x + cw]
+        if rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        arr = cv2.resize(np.ascontiguousarray(arr), (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        arr = np.clip(arr + rng.normal(0, 3, arr.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, "JPEG", quality=QUALITY)
+        (d / f"{i:05d}.jpg").write_bytes(buf.getvalue())
+        out.append(buf.getvalue())
+    return out
+
+
+def baseline(data: bytes) -> bytes:
+    """The original: PIL open, resize to 300x300 with LANCZOS, save JPEG."""
+    im = Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", quality=QUALITY)
+    return buf.getvalue()
+
+
+def ours(files: list[bytes], oversample: float = 1.25, batch_rows: int = 64) -> list[bytes]:
+    out = []
+    for i in range(0, len(files), batch_rows):
+        chunk = files[i:i + batch_rows]
+        batch = pa.RecordBatch.from_arrays([pa.array([str(j) for j in range(len(chunk))]), pa.array(chunk, pa.binary())],
+                                           names=["post_id", "image_bytes"])
+        res = prepare_batch(batch, size=SIZE, policy="squash", quality=QUALITY, oversample=oversample)
+        assert res.column("reason").null_count == len(chunk), "a benchmark image was rejected"
+        out += res.column("image").to_pylist()
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse) if mse else 99.0
+
+
+def decode(b: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
+
+
+def per_core(name: str, files: list[bytes], repeat: int, oversample: float) -> dict:
+    ours(files[:8], oversample), [baseline(f) for f in files[:8]]  # warm caches and lazy imports
+    best_b = best_o = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        base_out = [baseline(f) for f in files]
+        best_b = min(best_b, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        our_out = ours(files, oversample)
+        best_o = min(best_o, time.perf_counter() - t0)
+    refs = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)) for f in files]
+    p_base = float(np.mean([psnr(decode(b), r) for b, r in zip(base_out, refs)]))
+    p_ours = float(np.mean([psnr(decode(o), r) for o, r in zip(our_out, refs)]))
+    row = {"set": name, "oversample": oversample, "images": len(files), "baseline_img_s": len(files) / best_b,
+           "ours_img_s": len(files) / best_o, "ratio": best_b / best_o,
+           "psnr_baseline_db": p_base, "psnr_ours_db": p_ours, "psnr_gap_db": p_base - p_ours}
+    print(f"{name:>10} oversample {oversample:<4}: {len(files)} images | baseline PIL LANCZOS loop "
+          f"{row['baseline_img_s']:6.1f} img/s | ours {row['ours_img_s']:6.1f} img/s | ratio {row['ratio']:.2f}x | "
+          f"PSNR vs reference: baseline {p_base:.2f} dB, ours {p_ours:.2f} dB (gap {p_base - p_ours:+.2f} dB)")
+    return row
+
+
+def spark_scaling(files: list[bytes], rounds: int) -> dict:
+    d = CACHE / "prepare" / f"spark-{len(files)}"
+    d.mkdir(parents=True, exist_ok=True)
+    manifest = d / "manifest.jsonl"
+    with open(manifest, "w") as fh:
+        for i, f in enumerate(files):
+            p = d / f"{i:05d}.jpg"
+            if not p.exists():
+                p.write_bytes(f)
+            fh.write(json.dumps({"post_id": str(i), "image": p.name}) + "\n")
+    lake = CACHE / "spark-lake"
+    run_job("ingest", lake, "local[2]", manifest)
+    secs = {"local[1]": [], "local[2]": []}
+    for _ in range(rounds):
+        for master in secs:
+            s = run_job("prepare_images", lake, master, manifest)
+            assert s["output_rows"] == len(files), s
+            secs[master].append(s["seconds"])
+    one, two = min(secs["local[1]"]), min(secs["local[2]"])
+    row = {"images": len(files), "local1_s": one, "local2_s": two, "local1_img_s": len(files) / one,
+           "local2_img_s": len(files) / two, "speedup": one / two}
+    print(f"     spark: prepare_images on {len(files)} 640x640 posts | local[1] {one:.1f} s ({row['local1_img_s']:.0f} img/s) | "
+          f"local[2] {two:.1f} s ({row['local2_img_s']:.0f} img/s) | speedup {row['speedup']:.2f}x "
+          f"(best of {rounds}; stage time from _SUMMARY.json, JVM start excluded)")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n640", type=int, default=240)
+    ap.add_argument("--nphone", type=int, default=24)
+    ap.add_argument("--spark", type=int, default=6000, help="posts for the Spark scaling run")
+    ap.add_argument("--no-spark", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3)
+    args = ap.parse_args()
+    header("prepare_images: per-core throughput vs PIL LANCZOS loop, PSNR, Spark scaling")
+    rows = {}
+    if not args.no_spark:  # before pinning this process to one core
+        rows["spark"] = spark_scaling(make_set("640", args.spark, (640, 640), seed=2), rounds=2)
+    single_core()
+    sets = {"640": ("640x640", make_set("640", args.n640, (640, 640))),
+            "phone": ("3024x4032", make_set("phone", args.nphone, (4032, 3024), seed=1))}
+    for key, (name, files) in sets.items():
+        for ov in (1.25, 1.0):  # the default, and the fastest setting
+            rows[f"{key}@{ov}"] = per_core(name, files, args.repeat, ov)
+    if "spark" in rows:
+        b = rows["640@1.25"]["baseline_img_s"]
+        print(f"\nSpark local[1] end to end vs the baseline loop per core (640x640): "
+              f"{rows['spark']['local1_img_s']:.0f} / {b:.0f} img/s = {rows['spark']['local1_img_s'] / b:.2f}x")
+    print("\n" + json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
