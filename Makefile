@@ -42,8 +42,13 @@ demo: setup
 	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG)
 	$(SUBMIT) jobs/dedup.py --config $(CONFIG)
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG)
+	$(SUBMIT) jobs/filter_followers.py --config $(CONFIG)
+	$(SUBMIT) jobs/detect_faces.py --config $(CONFIG)
+	@# The generated images have no real faces: expect few or none to pass the face filter.
+	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG) --set dataset.labels=likability
 	@echo
-	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, rejected; datasets/cities; each with _SUMMARY.json)."
+	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, likability_labels, faces, rejected;"
+	@echo "datasets/cities, datasets/likability; each with _SUMMARY.json)."
 
 test: setup jars
 	$(BIN)/python -m pytest

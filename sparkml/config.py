@@ -8,6 +8,8 @@ One model per section; unknown keys and wrong types are errors that name the key
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +65,9 @@ class Prepare(Section):
     policy: Literal["squash", "crop"] = Field(
         "squash", description="squash: whole image to a square, as the original did; crop: centre square keeping aspect")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the prepared images")
+    oversample: float = Field(
+        1.25, ge=1, le=4, description="JPEGs are decoded in the DCT domain to >= oversample x size before the Lanczos "
+                                      "resize: 1 is fastest but softer, 1.25 stays within 1 dB of Pillow LANCZOS (docs/benchmarks.md)")
     max_pixels: int = Field(100_000_000, ge=1, description="images whose header claims more pixels are rejected undecoded")
     min_side: int = Field(32, ge=1, description="images smaller than this on a side are rejected (icons, tracking pixels)")
     batch_rows: int = Field(64, ge=1, description="images per Arrow batch handed to Python")
@@ -75,13 +80,65 @@ class Dedup(Section):
 
 
 class Dataset(Section):
-    name: str = Field("cities", pattern=r"^[A-Za-z0-9_-]+$", description="dataset folder under <lake>/datasets/")
+    labels: Literal["cities", "likability"] = Field(
+        "cities", description="cities: the city classifier's labels; likability: filter_followers labels of the "
+                              "images that pass the face filter (faces.min_confidence)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]+$",
+                             description="dataset folder under <lake>/datasets/ (default: the labels' name)")
     train: float = Field(0.80, gt=0, lt=1, description="fraction of posts in train (by a hash of post_id)")
     val: float = Field(0.05, ge=0, lt=1, description="fraction in val; test gets the rest")
     respect_source_split: bool = Field(True, description="keep the split the source gave (InstaCities split layout)")
     row_group_mb: int = Field(32, ge=1, description="Parquet row-group size of the Petastorm files")
     ranks: int = Field(8, ge=1, description="training ranks to plan for: train gets ranks x row_groups_per_rank groups at least")
     row_groups_per_rank: int = Field(4, ge=1, description="row groups each training rank should get at least")
+
+
+class Followers(Section):
+    k: float = Field(3.0, gt=0, description="keep users with |followers - median| <= k * MAD (over users, not images)")
+    log_scale: bool = Field(False, description="apply the MAD rule to ln(followers): follower counts are heavy-tailed")
+    exact: bool = Field(False, description="exact medians (Spark percentile; holds every user's value in one task) "
+                                           "instead of percentile_approx")
+    accuracy: int = Field(10_000, ge=1, description="percentile_approx accuracy: relative rank error 1/accuracy")
+    min_age_days: float = Field(0.0, ge=0, description="drop posts younger than this at `as_of` (likes need time); 0 = off")
+    as_of: datetime | None = Field(None, description="'now' for min_age_days (ISO time); default: the newest posted_at")
+    label_by: Literal["median", "buckets"] = Field(
+        "median", description="median: label 1 above the median likes/followers of the kept images; buckets: above "
+                              "the median within follower-count quantile buckets (Karpathy's selfie study)")
+    buckets: int = Field(10, ge=2, description="follower quantile buckets for label_by=buckets")
+
+
+class Faces(Section):
+    detector: Literal["cnn", "haar"] = Field(
+        "cnn", description="cnn: YuNet/libfacedetection (cv2.FaceDetectorYN when faces.model is set, else the yuface "
+                           "package, weights compiled in); haar: OpenCV's Haar cascade (the original study's)")
+    model: str | None = Field(None, description="path of the YuNet ONNX file for cv2.FaceDetectorYN (OpenCV model zoo)")
+    max_side: int = Field(200, ge=32, description="detect on a copy downscaled to this longest side (see docs/benchmarks.md)")
+    min_confidence: float = Field(
+        0.8, ge=0, le=1, description="an image passes the face filter when its best face scores at least this (0..1; "
+                                     "0 = no filter); 0.8 is measured in docs/benchmarks.md")
+    scale_factor: float = Field(1.1, gt=1, description="haar: detectMultiScale scaleFactor")
+    min_neighbors: int = Field(3, ge=0, description="haar: detectMultiScale minNeighbors")
+
+
+class Lda(Section):
+    num_topics: int = Field(500, ge=2, description="LDA topics (the original: 500)")
+    min_count: int = Field(20, ge=0, description="drop tokens seen <= this many times over the corpus (original code "
+                                                 "20; the blog post 150)")
+    max_vocab: int | None = Field(None, ge=1, description="keep at most this many of the most frequent tokens")
+    chunksize: int = Field(2000, ge=1, description="documents per LDA update")
+    passes: int = Field(1, ge=1, description="passes over the training captions (the original: 1)")
+    workers: int = Field(1, ge=1, description="gensim LdaMulticore worker processes (1 = plain LdaModel)")
+    seed: int = Field(1, description="random_state of the LDA")
+    heldout_docs: int = Field(2000, ge=1, description="val captions for the held-out perplexity; as many train "
+                                                      "captions for u_mass coherence")
+
+
+class Retrieval(Section):
+    embeddings: str = Field("topics", description="table of image embeddings under <lake>/tables/ (or a URI) with "
+                                                  "post_id and a float array column")
+    column: str = Field("topics", description="the embedding column of that table")
+    metric: Literal["dot", "cosine", "euclidean"] = Field("dot", description="similarity of query and image vectors")
+    k: int = Field(20, ge=1, description="images per query in the ranking and the contact sheet")
 
 
 class Config(Section):
@@ -97,6 +154,10 @@ class Config(Section):
     prepare: Prepare = Field(default_factory=Prepare)
     dedup: Dedup = Field(default_factory=Dedup)
     dataset: Dataset = Field(default_factory=Dataset)
+    followers: Followers = Field(default_factory=Followers)
+    faces: Faces = Field(default_factory=Faces)
+    lda: Lda = Field(default_factory=Lda)
+    retrieval: Retrieval = Field(default_factory=Retrieval)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

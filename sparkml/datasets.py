@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 from sparkml import storage
 from sparkml.config import Config, ConfigError
 from sparkml.dedup import unique_images
-from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
+from sparkml.lake import Lake, Summary, begin_output, read_table, union_all, write_rejected
 from sparkml.schemas import Reason
 
 SPLITS = ("train", "val", "test")
@@ -38,6 +38,16 @@ def cities_schema(size: int) -> Unischema:
         UnischemaField("image", np.uint8, (size, size, 3), CompressedImageCodec("jpeg"), False),
         UnischemaField("city", np.str_, (), ScalarCodec(T.StringType()), False),
         UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
+    ])
+
+
+def likability_schema(size: int) -> Unischema:
+    """The likability classifier's dataset: image, label 1 = good / 0 = bad, the likes/followers ratio."""
+    return Unischema("LikabilitySchema", [
+        UnischemaField("post_id", np.str_, (), ScalarCodec(T.StringType()), False),
+        UnischemaField("image", np.uint8, (size, size, 3), CompressedImageCodec("jpeg"), False),
+        UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
+        UnischemaField("ratio", np.float64, (), ScalarCodec(T.DoubleType()), False),
     ])
 
 
@@ -63,32 +73,60 @@ def materialize(spark: SparkSession, df: DataFrame, url: str, schema: Unischema,
     return n
 
 
+def _reject(df: DataFrame, reason: Reason, detail: str) -> DataFrame:
+    return df.select("post_id", F.lit(reason.value).alias("reason"), F.lit(detail).alias("detail"))
+
+
+def _cities(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
+    """(rows with city + label, rejects, label names)."""
+    posts = read_table(spark, lake.table("posts"), "ingest").select("post_id", "city", "split")
+    joined = images.join(posts, "post_id")
+    has_city = F.col("city").isNotNull() & (F.trim("city") != "")
+    labelled = joined.where(has_city)
+    cities = sorted(r["city"] for r in labelled.select("city").distinct().collect())
+    index = spark.createDataFrame([(c, i) for i, c in enumerate(cities)], "city string, label int")
+    return (labelled.join(F.broadcast(index), "city"), _reject(joined.where(~has_city), Reason.NO_LABEL, "post has no city"),
+            cities, cities_schema(cfg.prepare.size))
+
+
+def _likability(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
+    """Images with a likability label whose best face passes faces.min_confidence."""
+    labels = read_table(spark, lake.table("likability_labels"), "filter_followers").select("post_id", "label", "ratio")
+    faces = read_table(spark, lake.table("faces"), "detect_faces").select("post_id", "best_confidence")
+    joined = images.join(labels, "post_id", "left").join(faces, "post_id", "left")
+    passes = F.coalesce(F.col("best_confidence"), F.lit(0.0)) >= cfg.faces.min_confidence
+    rejects = union_all([
+        _reject(joined.where(F.col("label").isNull()), Reason.NO_LABEL,
+                "no likability label (rejected or filtered out by filter_followers)"),
+        _reject(joined.where(F.col("label").isNotNull() & ~passes), Reason.NO_FACE,
+                f"no face with confidence >= faces.min_confidence {cfg.faces.min_confidence}"),
+    ])
+    return (joined.where(F.col("label").isNotNull() & passes), rejects, ["bad", "good"],
+            likability_schema(cfg.prepare.size))
+
+
 def build_dataset(spark: SparkSession, cfg: Config) -> Summary:
-    """Unique images + city labels -> <lake>/datasets/<name>/{train,val,test}."""
+    """Unique images + labels -> <lake>/datasets/<name>/{train,val,test} + labels.json."""
     lake = Lake(cfg.lake)
     d = cfg.dataset
     if d.train + d.val >= 1:
         raise ConfigError(f"dataset.train + dataset.val must be < 1 (got {d.train} + {d.val})")
-    root = lake.dataset(d.name)
+    name = d.name or d.labels
+    root = lake.dataset(name)
     begin_output(spark, root)
-    images = unique_images(spark, lake)
-    posts = read_table(spark, lake.table("posts"), "ingest").select("post_id", "city", "split")
-    joined = images.select("post_id", "image").join(posts, "post_id")
-    no_city = joined.where(F.col("city").isNull() | (F.trim("city") == ""))
-    labelled = joined.where(F.col("city").isNotNull() & (F.trim("city") != ""))
-    cities = sorted(r["city"] for r in labelled.select("city").distinct().collect())
-    index = spark.createDataFrame([(c, i) for i, c in enumerate(cities)], "city string, label int")
-    rows = assign_split(labelled.join(F.broadcast(index), "city"), d.train, d.val, d.respect_source_split).persist()
-    schema = cities_schema(cfg.prepare.size)
+    images = unique_images(spark, lake).select("post_id", "image")
+    labelled, rejects, label_names, schema = {"cities": _cities, "likability": _likability}[d.labels](
+        spark, lake, images, cfg)
+    rows = assign_split(labelled, d.train, d.val, d.respect_source_split).persist()
     counts = {}
     for split in SPLITS:
         groups = d.ranks * (d.row_groups_per_rank if split == "train" else 1)
         counts[split] = materialize(spark, rows.where(F.col("split") == split), f"{root}/{split}", schema,
                                     d.row_group_mb, groups)
+    by_label = {label_names[r["label"]]: int(r["count"]) for r in rows.groupBy("label").count().collect()}
     rows.unpersist()
-    storage.write_bytes(spark, f"{root}/labels.json", json.dumps(cities, indent=1).encode())
-    rejected = write_rejected(spark, lake, "build_dataset",
-                              no_city.select("post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
-                                             F.lit("post has no city").alias("detail")))
+    storage.write_bytes(spark, f"{root}/labels.json", json.dumps(label_names, indent=1).encode())
+    rejected = write_rejected(spark, lake, f"build_dataset_{name}", rejects)
     return Summary(stage="build_dataset", input_rows=images.count(), output_rows=sum(counts.values()),
-                   rejected=rejected, output=root, extra={"splits": counts, "labels": cities, "dataset": d.name})
+                   rejected=rejected, output=root,
+                   extra={"splits": counts, "labels": label_names, "per_label": by_label, "dataset": name})

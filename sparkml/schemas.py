@@ -22,8 +22,20 @@ class Reason(str, Enum):
     TRUNCATED_IMAGE = "truncated_image"      # the file ends before the image data does
     CORRUPT_IMAGE = "corrupt_image"          # the decoder failed for another reason
     TOO_SMALL = "too_small"                  # smaller than prepare.min_side (icons, tracking pixels)
+    # filter_followers
+    USER_MISSING = "user_missing"            # no user_id: the follower statistics are per user
+    FOLLOWERS_MISSING = "followers_missing"  # no follower count
+    FOLLOWERS_ZERO = "followers_zero"        # zero followers: likes / followers is undefined
+    FOLLOWERS_NEGATIVE = "followers_negative"
+    LIKES_INVALID = "likes_invalid"          # likes missing or negative
+    TOO_RECENT = "too_recent"                # younger than followers.min_age_days: likes still coming in
+    FOLLOWER_OUTLIER = "follower_outlier"    # the user's followers are outside median +- k * MAD
+    # train_lda
+    NO_CAPTION_WORDS = "no_caption_words"    # nothing left after preprocessing: no topic vector
+    NO_VOCABULARY_WORDS = "no_vocabulary_words"  # only words rarer than lda.min_count
     # build_dataset
-    NO_LABEL = "no_label"                    # the dataset's label (city) is missing for this post
+    NO_LABEL = "no_label"                    # the dataset's label is missing for this post
+    NO_FACE = "no_face"                      # likability: no face at faces.min_confidence
 
 
 class CaptionStatus(str, Enum):
@@ -76,6 +88,26 @@ IMAGES = T.StructType([
     T.StructField("orientation", T.IntegerType(), False),  # EXIF orientation applied
     T.StructField("sha256", T.StringType(), False),      # of the original bytes
     T.StructField("phash", T.LongType(), False),         # 64-bit DCT perceptual hash of the prepared image
+])
+
+LIKABILITY = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("user_id", T.StringType(), False),
+    T.StructField("likes", T.LongType(), False),
+    T.StructField("followers", T.LongType(), False),
+    T.StructField("ratio", T.DoubleType(), False),       # likes / followers
+    T.StructField("bucket", T.IntegerType(), False),     # follower quantile bucket (0 with label_by=median)
+    T.StructField("label", T.IntegerType(), False),      # 1 = above the (bucket's) median ratio
+])
+
+FACES = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("faces", T.IntegerType(), False),
+    # x, y, w, h in the prepared image's pixels, and the detector's score in 0..1
+    T.StructField("boxes", T.ArrayType(T.ArrayType(T.FloatType(), False), False), False),
+    T.StructField("best_confidence", T.FloatType(), False),  # 0 when no face
+    T.StructField("detector", T.StringType(), False),
+    T.StructField("params", T.StringType(), False),          # JSON of the detector's parameters
 ])
 
 DUPLICATES = T.StructType([

@@ -77,6 +77,21 @@ def sample(tmp_path_factory):
     return out, truth
 
 
+@pytest.fixture(scope="session")
+def prepared(spark, sample, tmp_path_factory):
+    """The sample (manifest layout) through ingest, prepare_images and dedup, shared by the
+    tests of those stages and of the stages that build on them."""
+    from sparkml.lake import Lake
+    from sparkml.sample import MANIFEST
+
+    root, truth = sample
+    lake = tmp_path_factory.mktemp("lake_prep")
+    common = ["--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}", "--set", "source.layout=manifest"]
+    for job in ("ingest", "prepare_images", "dedup"):
+        assert run_job(job, *common) == 0, job
+    return Lake(str(lake)), truth
+
+
 def load_job(name: str):
     """Import jobs/<name>.py as a module (jobs/ is not a package: spark-submit runs the files)."""
     spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")

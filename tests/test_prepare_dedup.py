@@ -4,7 +4,7 @@ import pytest
 
 from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
 from sparkml.images import hamming
-from sparkml.lake import Lake, read_summary
+from sparkml.lake import read_summary
 from sparkml.sample import MANIFEST
 from tests.conftest import planted, run_job
 
@@ -34,16 +34,6 @@ def test_band_search_finds_every_pair_a_brute_force_finds(spark, t, bands):
     brute = {(a, b) if a < b else (b, a) for i, (a, ha) in enumerate(rows) for b, hb in rows[i + 1:]
              if hamming(ha, hb) <= t}
     assert found == brute and len(brute) > 10
-
-
-@pytest.fixture(scope="module")
-def prepared(spark, sample, tmp_path_factory):
-    root, truth = sample
-    lake = tmp_path_factory.mktemp("lake_prep")
-    common = ["--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}", "--set", "source.layout=manifest"]
-    for job in ("ingest", "prepare_images", "dedup"):
-        assert run_job(job, *common) == 0, job
-    return Lake(str(lake)), truth
 
 
 def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):

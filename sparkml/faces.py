@@ -1,0 +1,183 @@
+"""Face detection behind one small interface, one detector per Python worker.
+
+    det = make_detector("cnn", max_side=200)
+    det.detect(rgb)   # -> [(x, y, w, h, score 0..1), ...] in rgb's pixels
+
+Detectors:
+- cnn (default): the YuNet / libfacedetection CNN. With `faces.model` set (the ONNX file from
+  OpenCV's model zoo) it runs through `cv2.FaceDetectorYN`; otherwise through the `yuface`
+  package, which has the weights compiled in (nothing to download). Runs on a copy whose
+  longest side is `max_side`.
+- haar: OpenCV's frontal-face Haar cascade (the original study's detector). Its confidence is
+  the logistic of the final-stage level weight from `detectMultiScale3`, so one threshold in
+  0..1 works for both.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+Box = tuple[float, float, float, float, float]
+
+
+def _shrink(rgb: np.ndarray, max_side: int | None) -> tuple[np.ndarray, float]:
+    """A copy whose longest side is at most max_side, and the factor back to rgb's pixels."""
+    h, w = rgb.shape[:2]
+    if not max_side or max(h, w) <= max_side:
+        return rgb, 1.0
+    s = max_side / max(h, w)
+    return cv2.resize(rgb, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA), 1 / s
+
+
+@dataclass
+class Detector:
+    name: str
+    params: dict = field(default_factory=dict)
+
+    def detect(self, rgb: np.ndarray) -> list[Box]:
+        small, back = _shrink(rgb, self.params.get("max_side"))
+        return [(x * back, y * back, w * back, h * back, s) for x, y, w, h, s in self._detect(small)]
+
+    def _detect(self, rgb: np.ndarray) -> list[Box]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class YuFace(Detector):
+    """libfacedetection's YuNet through the yuface package (weights compiled in)."""
+
+    def _detect(self, rgb):
+        import yuface
+
+        rows = yuface.c_detect(np.ascontiguousarray(rgb[..., ::-1]))  # BGR; conf 0..100, x, y, w, h, landmarks
+        return [(float(r[1]), float(r[2]), float(r[3]), float(r[4]), float(r[0]) / 100) for r in rows]
+
+
+class YuNetOpenCV(Detector):
+    """YuNet through cv2.FaceDetectorYN and an ONNX file (OpenCV model zoo)."""
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self._net = cv2.FaceDetectorYN.create(params["model"], "", (320, 320), 0.0, 0.3, 5000)
+
+    def _detect(self, rgb):
+        h, w = rgb.shape[:2]
+        self._net.setInputSize((w, h))
+        _, faces = self._net.detect(np.ascontiguousarray(rgb[..., ::-1]))
+        return [] if faces is None else [(float(f[0]), float(f[1]), float(f[2]), float(f[3]), float(f[-1])) for f in faces]
+
+
+class Haar(Detector):
+    """OpenCV's Haar cascade; score = logistic(level weight of the last stage)."""
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self._cascade = cv2.CascadeClassifier(cv2.data.haarcascades + "haarcascade_frontalface_default.xml")
+
+    def _detect(self, rgb):
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        rects, _, weights = self._cascade.detectMultiScale3(
+            gray, scaleFactor=self.params["scale_factor"], minNeighbors=self.params["min_neighbors"],
+            outputRejectLevels=True)
+        return [(float(x), float(y), float(w), float(h), 1 / (1 + math.exp(-float(s))))
+                for (x, y, w, h), s in zip(rects, np.ravel(weights))]
+
+
+@functools.lru_cache(maxsize=4)
+def make_detector(kind: str = "cnn", model: str | None = None, max_side: int | None = 200,
+                  scale_factor: float = 1.1, min_neighbors: int = 3) -> Detector:
+    """One detector per (worker, settings): model loading never happens per row."""
+    cv2.setNumThreads(1)  # one Spark task per core
+    if kind == "haar":
+        return Haar("haar", {"max_side": max_side, "scale_factor": scale_factor, "min_neighbors": min_neighbors})
+    if kind != "cnn":
+        raise ValueError(f"unknown face detector {kind!r}")
+    if model:
+        return YuNetOpenCV("yunet-opencv", {"max_side": max_side, "model": model})
+    return YuFace("yunet-yuface", {"max_side": max_side})
+
+
+def detector_for(cfg) -> Detector:
+    """The configured detector; a bad faces.model is a ConfigError (one line, exit 2)."""
+    import os
+
+    from sparkml.config import ConfigError
+
+    f = cfg.faces
+    if f.detector == "cnn" and f.model:
+        if not os.path.isfile(f.model):
+            raise ConfigError(f"faces.model: {f.model} is not a file (a local path on every worker, "
+                              "e.g. shipped with spark-submit --files)")
+        try:
+            return make_detector(f.detector, f.model, f.max_side, f.scale_factor, f.min_neighbors)
+        except cv2.error as e:
+            raise ConfigError(f"faces.model: OpenCV cannot load {f.model} as a YuNet model "
+                              f"({str(e).strip().splitlines()[-1][:200]})") from None
+    return make_detector(f.detector, f.model, f.max_side, f.scale_factor, f.min_neighbors)
+
+
+# ---------------------------------------------------------------- the Arrow adapter and the stage
+
+FACES_ARROW = pa.schema([
+    ("post_id", pa.string()), ("faces", pa.int32()), ("boxes", pa.list_(pa.list_(pa.float32()))),
+    ("best_confidence", pa.float32()), ("detector", pa.string()), ("params", pa.string()),
+    ("reason", pa.string()), ("detail", pa.string()),
+])
+
+
+def detect_batch(batch: pa.RecordBatch, settings: tuple) -> pa.RecordBatch:
+    """post_id + prepared JPEG -> one row per image with its faces (or a reason if undecodable)."""
+    det = make_detector(*settings)
+    params = json.dumps(det.params, sort_keys=True)
+    rows = {k: [] for k in FACES_ARROW.names}
+    for pid, data in zip(batch.column("post_id").to_pylist(), batch.column("image").to_pylist()):
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+        boxes = det.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) if bgr is not None else []
+        rows["post_id"].append(pid)
+        rows["faces"].append(len(boxes))
+        rows["boxes"].append([list(b) for b in boxes])
+        rows["best_confidence"].append(max((b[4] for b in boxes), default=0.0))
+        rows["detector"].append(det.name)
+        rows["params"].append(params)
+        rows["reason"].append(None if bgr is not None else "corrupt_image")
+        rows["detail"].append(None if bgr is not None else "the prepared JPEG did not decode")
+    return pa.RecordBatch.from_pydict(rows, schema=FACES_ARROW)
+
+
+def detect_faces(spark, cfg) -> "Summary":
+    """images (unique or not) -> <lake>/tables/faces: one row per image, faces=0 when none."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
+    from sparkml.schemas import FACES
+
+    lake = Lake(cfg.lake)
+    out = lake.table("faces")
+    begin_output(spark, out)
+    images = read_table(spark, lake.table("images"), "prepare_images").select("post_id", "image")
+    f = cfg.faces
+    settings = (f.detector, f.model, f.max_side, f.scale_factor, f.min_neighbors)
+    detector_for(cfg)  # fail here, on the driver, on a bad model path: not in every task
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+    result = images.mapInArrow(lambda bs: (detect_batch(b, settings) for b in bs),
+                               from_arrow_schema(FACES_ARROW)).persist(StorageLevel.DISK_ONLY)
+    rejected = write_rejected(spark, lake, "detect_faces",
+                              result.where(F.col("reason").isNotNull()).select("post_id", "reason", "detail"))
+    good = result.where(F.col("reason").isNull())
+    good.select(*FACES.fieldNames()).write.mode("overwrite").parquet(out)
+    agg = good.agg(F.count("*").alias("n"), F.sum((F.col("faces") > 0).cast("int")).alias("any"),
+                   F.sum((F.col("best_confidence") >= f.min_confidence).cast("int")).alias("passed")).first()
+    result.unpersist()
+    det = detector_for(cfg)
+    return Summary(stage="detect_faces", input_rows=images.count(), output_rows=int(agg["n"]), rejected=rejected,
+                   output=out, extra={"detector": det.name, "params": det.params, "with_any_face": int(agg["any"] or 0),
+                                      "min_confidence": f.min_confidence,
+                                      "passed_face_filter": int(agg["passed"] or 0)})

@@ -1,0 +1,82 @@
+"""filter_followers -> detect_faces -> build_dataset (likability) on the generated sample."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sparkml.lake import read_summary
+from tests.conftest import planted, run_job
+
+
+@pytest.fixture(scope="module")
+def labelled(spark, prepared):
+    lake, truth = prepared
+    args = ["--set", f"lake={lake.root}"]
+    assert run_job("filter_followers", *args, "--set", "followers.min_age_days=1",
+                   "--set", f"followers.as_of={truth['as_of']}") == 0
+    assert run_job("detect_faces", *args) == 0
+    return lake, truth
+
+
+def test_follower_filter_accounts_and_rejects_planted_engagement(spark, labelled):
+    lake, truth = labelled
+    s = read_summary(spark, lake.table("likability_labels"))
+    posts = read_summary(spark, lake.table("posts"))
+    assert s["balanced"] and s["input_rows"] == posts["output_rows"]
+    rejects = spark.read.parquet(lake.rejected("filter_followers")).toPandas()
+    by_reason = rejects.groupby("reason").post_id.apply(set).to_dict()
+    for kind, reason in (("followers_zero", "followers_zero"), ("followers_negative", "followers_negative"),
+                         ("followers_missing", "followers_missing"), ("recent_post", "too_recent")):
+        want = {c["post_id"] for c in planted(truth, kind, "manifest")}
+        assert want and want <= by_reason[reason], kind
+    assert set(by_reason["too_recent"]) == {c["post_id"] for c in planted(truth, "recent_post", "manifest")}
+    labels = spark.read.parquet(lake.table("likability_labels")).toPandas()
+    assert (labels.followers > 0).all() and np.allclose(labels.ratio, labels.likes / labels.followers)
+    assert abs(labels.label.mean() - 0.5) < 0.1  # the top half is good
+    celebs = set(spark.read.parquet(lake.table("posts")).where("followers >= 1000000").toPandas().post_id)
+    assert celebs and celebs <= by_reason["follower_outlier"]
+
+
+def test_detect_faces_gives_every_image_a_row(spark, labelled):
+    lake, _ = labelled
+    s = read_summary(spark, lake.table("faces"))
+    images = read_summary(spark, lake.table("images"))
+    assert s["balanced"] and s["input_rows"] == images["output_rows"] == s["output_rows"]
+    faces = spark.read.parquet(lake.table("faces")).toPandas()
+    assert set(faces.detector) == {"yunet-yuface"} and json.loads(faces.params[0])["max_side"] == 200
+    assert ((faces.faces == 0) == (faces.best_confidence == 0)).all()
+    assert s["passed_face_filter"] == int((faces.best_confidence >= 0.8).sum())
+
+
+def test_likability_dataset_round_trips(spark, labelled):
+    from petastorm import make_reader
+
+    lake, _ = labelled
+    args = ["--set", f"lake={lake.root}", "--set", "dataset.labels=likability", "--set", "dataset.ranks=2"]
+    # The generated sample has no real faces: filter at 0 to get every labelled image through.
+    assert run_job("build_dataset", *args, "--set", "faces.min_confidence=0") == 0
+    root = lake.dataset("likability")
+    s = read_summary(spark, root)
+    unique = read_summary(spark, lake.table("duplicates"))["output_rows"]
+    labels = spark.read.parquet(lake.table("likability_labels")).toPandas().set_index("post_id")
+    dups = set(spark.read.parquet(lake.table("duplicates")).toPandas().post_id)
+    images = set(spark.read.parquet(lake.table("images")).toPandas().post_id) - dups
+    assert s["balanced"] and s["input_rows"] == unique
+    assert s["output_rows"] == len(images & set(labels.index)) and s["rejected"] == {
+        "no_label": len(images - set(labels.index))}
+    seen = 0
+    for split in ("train", "val", "test"):
+        with make_reader(f"{root}/{split}", num_epochs=1, workers_count=2) as reader:
+            for row in reader:
+                assert row.image.shape == (300, 300, 3) and row.label == labels.label[row.post_id]
+                assert row.ratio == pytest.approx(labels.ratio[row.post_id])
+                seen += 1
+    assert seen == s["output_rows"]
+    # At the default threshold the images without a face are rejected as such, not lost.
+    assert run_job("build_dataset", *args) == 0
+    s = read_summary(spark, root)
+    faces = spark.read.parquet(lake.table("faces")).toPandas().set_index("post_id")
+    passing = {p for p in images & set(labels.index) if faces.best_confidence[p] >= 0.8}
+    assert s["balanced"] and s["output_rows"] == len(passing)
+    assert s["rejected"].get("no_face", 0) == len(images & set(labels.index)) - len(passing)
