@@ -41,14 +41,20 @@ demo: setup
 	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
 	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG)
 	$(SUBMIT) jobs/dedup.py --config $(CONFIG)
+	$(SUBMIT) jobs/train_lda.py --config $(CONFIG)
+	$(SUBMIT) jobs/infer_topics.py --config $(CONFIG)
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG)
 	$(SUBMIT) jobs/filter_followers.py --config $(CONFIG)
 	$(SUBMIT) jobs/detect_faces.py --config $(CONFIG)
 	@# The generated images have no real faces: expect few or none to pass the face filter.
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG) --set dataset.labels=likability
+	@# Caption topic vectors as the image embedding until the GoogLeNet regressor exists (an upper bound).
+	$(SUBMIT) jobs/evaluate_retrieval.py --config $(CONFIG)
+	$(SUBMIT) jobs/retrieve.py --config $(CONFIG) --query "skyline night" --k 20
 	@echo
-	@echo "Demo done. Results are under ./data/lake (tables/posts, images, duplicates, likability_labels, faces, rejected;"
-	@echo "datasets/cities, datasets/likability; each with _SUMMARY.json)."
+	@echo "Demo done. Results are under ./data/lake: tables/ (posts, images, duplicates, bow, topics, likability_labels,"
+	@echo "faces, retrieval, rejected), models/lda, datasets/ (cities, likability), reports/ (retrieval_eval/metrics.md,"
+	@echo "retrieval/*.png); each output has a _SUMMARY.json."
 
 test: setup jars
 	$(BIN)/python -m pytest

@@ -59,8 +59,9 @@ def parse(stage: str, doc: str, argv: list[str] | None = None,
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    for noisy in ("py4j", "pyspark"):
+    for noisy in ("py4j", "pyspark", "gensim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("gensim.models.ldamodel").setLevel(logging.INFO)  # LDA training progress
 
 
 def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,

@@ -15,7 +15,7 @@ import json
 import math
 
 import numpy as np
-from petastorm.codecs import CompressedImageCodec, ScalarCodec
+from petastorm.codecs import CompressedImageCodec, NdarrayCodec, ScalarCodec
 from petastorm.etl.dataset_metadata import materialize_dataset
 from petastorm.unischema import Unischema, UnischemaField
 from pyspark.sql import DataFrame, SparkSession
@@ -31,14 +31,40 @@ from sparkml.schemas import Reason
 SPLITS = ("train", "val", "test")
 
 
-def cities_schema(size: int) -> Unischema:
-    """The city classifier's dataset: a size x size RGB image, its post and its city label."""
-    return Unischema("CitiesSchema", [
+def cities_schema(size: int, num_topics: int | None = None) -> Unischema:
+    """The city classifier's dataset: a size x size RGB image, its post and its city label;
+    with caption topics (infer_topics), also the topic distribution, the GoogLeNet regressor's
+    target (None for a post whose caption had no words)."""
+    fields = [
         UnischemaField("post_id", np.str_, (), ScalarCodec(T.StringType()), False),
         UnischemaField("image", np.uint8, (size, size, 3), CompressedImageCodec("jpeg"), False),
         UnischemaField("city", np.str_, (), ScalarCodec(T.StringType()), False),
         UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
-    ])
+    ]
+    if num_topics:
+        fields.append(UnischemaField("topics", np.float32, (num_topics,), NdarrayCodec(), True))
+    return Unischema("CitiesSchema", fields)
+
+
+def _ndarray_bytes(col: str):
+    """array<float> -> NdarrayCodec's stored form (np.save bytes), null stays null."""
+    import io
+
+    import pandas as pd
+    from pyspark.sql.functions import pandas_udf
+
+    def one(v):
+        if v is None:
+            return None
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(v, np.float32))
+        return buf.getvalue()
+
+    def encode(values):
+        return values.map(one)
+
+    encode.__annotations__ = {"values": pd.Series, "return": pd.Series}  # real types: this module defers hints
+    return pandas_udf(encode, T.BinaryType())(F.col(col))
 
 
 def likability_schema(size: int) -> Unischema:
@@ -85,8 +111,15 @@ def _cities(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
     labelled = joined.where(has_city)
     cities = sorted(r["city"] for r in labelled.select("city").distinct().collect())
     index = spark.createDataFrame([(c, i) for i, c in enumerate(cities)], "city string, label int")
-    return (labelled.join(F.broadcast(index), "city"), _reject(joined.where(~has_city), Reason.NO_LABEL, "post has no city"),
-            cities, cities_schema(cfg.prepare.size))
+    labelled = labelled.join(F.broadcast(index), "city")
+    num_topics = None
+    if storage.exists(spark, f"{lake.table('topics')}/_SUMMARY.json"):  # caption topics: the regression target
+        topics = read_table(spark, lake.table("topics"), "infer_topics")
+        first = topics.select(F.size("topics").alias("k")).first()
+        num_topics = int(first["k"]) if first else None
+        labelled = labelled.join(topics, "post_id", "left").withColumn("topics", _ndarray_bytes("topics"))
+    return (labelled, _reject(joined.where(~has_city), Reason.NO_LABEL, "post has no city"),
+            cities, cities_schema(cfg.prepare.size, num_topics))
 
 
 def _likability(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):

@@ -1,0 +1,223 @@
+"""Caption topics: Spark builds the vocabulary and bags of words, gensim trains LDA streaming
+them from Parquet, Spark infers every caption's topic distribution.
+
+    train_lda:    posts -> <lake>/tables/bow (post_id, split, ids, counts; partitioned by split)
+                          + <lake>/models/lda/ (gensim LdaModel files, dictionary inside)
+    infer_topics: bow + model -> <lake>/tables/topics (post_id, topics float[num_topics])
+
+The original held 800K captions in memory (about 50 GB, a day on 12 threads). Here the
+corpus is read one Parquet batch at a time on every pass, so memory does not grow with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from sparkml import storage
+from sparkml.config import Config, ConfigError
+from sparkml.datasets import assign_split
+from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected
+from sparkml.schemas import Reason
+from sparkml.text import TOKENS_ARROW, tokens_batch
+
+
+class ParquetCorpus:
+    """A re-iterable gensim corpus over Parquet files of (ids, counts): one batch in memory."""
+
+    def __init__(self, uri: str, endpoint: str | None = None, region: str | None = None, limit: int | None = None):
+        self.files = [u for u, _ in storage.list_files(uri, endpoint, region) if u.endswith(".parquet")]
+        self.endpoint, self.region, self.limit = endpoint, region, limit
+
+    def __iter__(self):
+        n = 0
+        for uri in self.files:
+            scheme, path = storage.arrow_path(uri)
+            fs = storage.arrow_filesystem(scheme, self.endpoint, self.region)
+            with fs.open_input_file(path) as fh:
+                for batch in pq.ParquetFile(fh).iter_batches(batch_size=4096, columns=["ids", "counts"]):
+                    # Flat values + offsets: one conversion per batch, then plain list slices.
+                    ids_col = batch.column("ids")
+                    ids, counts = ids_col.flatten().to_pylist(), batch.column("counts").flatten().to_pylist()
+                    bounds = ids_col.offsets.to_pylist()
+                    bounds = [x - bounds[0] for x in bounds]
+                    for a, b in zip(bounds[:-1], bounds[1:]):
+                        if self.limit is not None and n >= self.limit:
+                            return
+                        n += 1
+                        yield list(zip(ids[a:b], counts[a:b]))
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+
+def tokenize(posts: DataFrame) -> DataFrame:
+    """post_id + caption -> post_id + tokens, on executors, one Arrow batch at a time."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return posts.select("post_id", "caption").mapInArrow(lambda bs: (tokens_batch(b) for b in bs),
+                                                         from_arrow_schema(TOKENS_ARROW))
+
+
+def vocabulary(tokens: DataFrame, min_count: int, max_size: int | None) -> list[tuple[str, int]]:
+    """(token, count) seen more than min_count times over the corpus, most frequent first."""
+    counts = (tokens.select(F.explode("tokens").alias("token")).groupBy("token").count()
+              .where(F.col("count") > min_count).orderBy(F.desc("count"), "token"))
+    if max_size:
+        counts = counts.limit(max_size)
+    return [(r["token"], int(r["count"])) for r in counts.collect()]
+
+
+def bags_of_words(spark: SparkSession, tokens: DataFrame, vocab: list[str]) -> DataFrame:
+    """post_id -> (ids, counts) over the vocabulary; posts without a vocabulary word get none."""
+    index = spark.createDataFrame(list(enumerate(vocab)), "id int, token string")
+    words = tokens.select("post_id", F.explode("tokens").alias("token")).join(F.broadcast(index), "token")
+    per = words.groupBy("post_id", "id").count()
+    return (per.groupBy("post_id")
+            .agg(F.array_sort(F.collect_list(F.struct("id", F.col("count").cast("int").alias("n")))).alias("bag"))
+            .select("post_id", F.col("bag.id").alias("ids"), F.col("bag.n").alias("counts")))
+
+
+def _upload_dir(spark, local: str, uri: str) -> None:
+    for name in sorted(os.listdir(local)):
+        with open(os.path.join(local, name), "rb") as fh:
+            storage.write_bytes(spark, f"{uri}/{name}", fh.read())
+
+
+def load_lda(spark, lake: Lake, cfg: Config):
+    """The trained LdaModel from <lake>/models/lda (copied to a local temp folder first)."""
+    from gensim.models import LdaModel
+
+    uri = lake.model("lda")
+    if not storage.exists(spark, f"{uri}/_SUMMARY.json"):
+        raise IncompleteInput(f"{uri} has no trained model: run jobs/train_lda.py first")
+    local = tempfile.mkdtemp(prefix="lda-")
+    for file_uri, _ in storage.list_files(uri, cfg.s3.endpoint, cfg.s3.region):
+        name = file_uri.rsplit("/", 1)[1]
+        with open(os.path.join(local, name), "wb") as fh:
+            fh.write(storage.read_bytes(spark, file_uri))
+    return LdaModel.load(os.path.join(local, "lda.model"))
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train_lda(spark: SparkSession, cfg: Config) -> Summary:
+    from gensim.corpora import Dictionary
+    from gensim.models import CoherenceModel, LdaModel, LdaMulticore
+
+    lake, o = Lake(cfg.lake), cfg.lda
+    bow_uri, model_uri = lake.table("bow"), lake.model("lda")
+    begin_output(spark, bow_uri)
+    begin_output(spark, model_uri)
+    posts = read_table(spark, lake.table("posts"), "ingest")
+    tokens = tokenize(posts).persist()
+    vocab = vocabulary(tokens, o.min_count, o.max_vocab)
+    if not vocab:
+        raise ConfigError(f"lda.min_count {o.min_count}: no token occurs more often than that in the captions")
+    words = [t for t, _ in vocab]
+    bows = bags_of_words(spark, tokens, words)
+    d = cfg.dataset
+    split = assign_split(posts.select("post_id", "split"), d.train, d.val, d.respect_source_split)
+    bows.join(split, "post_id").write.mode("overwrite").partitionBy("split").parquet(bow_uri)
+    with_bow = spark.read.parquet(bow_uri).select("post_id")
+    no_words = tokens.where(F.size("tokens") == 0).select("post_id")
+    unknown = tokens.where(F.size("tokens") > 0).select("post_id").join(with_bow, "post_id", "left_anti")
+    rejected = write_rejected(spark, lake, "train_lda", no_words.select(
+        "post_id", F.lit(Reason.NO_CAPTION_WORDS.value).alias("reason"),
+        F.lit("no words left after preprocessing (missing, empty, emoji/URL/stop words only)").alias("detail"))
+        .unionByName(unknown.select("post_id", F.lit(Reason.NO_VOCABULARY_WORDS.value).alias("reason"),
+                                    F.lit(f"no word seen more than lda.min_count={o.min_count} times").alias("detail"))))
+    tokens.unpersist()
+
+    dictionary = Dictionary()
+    dictionary.token2id = {w: i for i, w in enumerate(words)}
+    dictionary.cfs = {i: c for i, (_, c) in enumerate(vocab)}
+    train = ParquetCorpus(f"{bow_uri}/split=train", cfg.s3.endpoint, cfg.s3.region)
+    n_train = spark.read.parquet(f"{bow_uri}/split=train").count() if storage.exists(spark, f"{bow_uri}/split=train") else 0
+    if n_train == 0:
+        raise ConfigError("no training captions with vocabulary words: lower lda.min_count or give more posts")
+    rss0, t0 = _peak_rss_mb(), time.perf_counter()
+    common = dict(corpus=train, id2word=dictionary, num_topics=o.num_topics, chunksize=o.chunksize,
+                  passes=o.passes, random_state=o.seed, eval_every=None)
+    lda = LdaMulticore(workers=o.workers, **common) if o.workers > 1 else LdaModel(**common)
+    train_s = time.perf_counter() - t0
+    held = list(ParquetCorpus(f"{bow_uri}/split=val", cfg.s3.endpoint, cfg.s3.region, limit=o.heldout_docs)) \
+        if storage.exists(spark, f"{bow_uri}/split=val") else []
+    bound = lda.log_perplexity(held) if held else float("nan")
+    sample = list(ParquetCorpus(f"{bow_uri}/split=train", cfg.s3.endpoint, cfg.s3.region, limit=o.heldout_docs))
+    coherence = CoherenceModel(model=lda, corpus=sample, dictionary=dictionary, coherence="u_mass").get_coherence()
+    local = tempfile.mkdtemp(prefix="lda-")
+    lda.save(os.path.join(local, "lda.model"))
+    _upload_dir(spark, local, model_uri)
+    top = {i: [w for w, _ in lda.show_topic(i, 8)] for i in range(min(o.num_topics, 10))}
+    n_posts = posts.count()
+    summary = Summary(stage="train_lda", input_rows=n_posts, output_rows=with_bow.count(), rejected=rejected,
+                      output=model_uri, extra={
+                          "vocabulary": len(words), "min_count": o.min_count, "num_topics": o.num_topics,
+                          "passes": o.passes, "chunksize": o.chunksize, "workers": o.workers, "train_docs": n_train,
+                          "train_seconds": round(train_s, 2), "train_docs_per_s": round(n_train * o.passes / train_s, 1),
+                          "heldout_docs": len(held), "heldout_log_perplexity_bound": bound,
+                          "heldout_perplexity": 2 ** (-bound) if held else None, "u_mass_coherence": coherence,
+                          "peak_rss_mb_driver_python": round(max(rss0, _peak_rss_mb()), 1),
+                          "top_words": top, "bow_table": bow_uri})
+    # The bow table is this stage's other output: mark it complete too.
+    storage.write_bytes(spark, f"{bow_uri}/_SUMMARY.json", json.dumps(
+        {"stage": "train_lda", "output": bow_uri, "output_rows": summary.output_rows}).encode())
+    return summary
+
+
+_MODELS: dict[int, tuple] = {}
+
+
+def _model_from(blob):
+    """Unpickle the broadcast model once per Python worker (the broadcast value is cached there)."""
+    value = blob.value
+    if id(value) not in _MODELS:
+        _MODELS.clear()
+        _MODELS[id(value)] = (value, pickle.loads(value))
+    return _MODELS[id(value)][1]
+
+
+def infer_batch(batch: pa.RecordBatch, blob, num_topics: int) -> pa.RecordBatch:
+    """(post_id, ids, counts) -> (post_id, topics): the full distribution, minimum_probability 0."""
+    lda = _model_from(blob)
+    docs = [list(zip(i, c)) for i, c in zip(batch.column("ids").to_pylist(), batch.column("counts").to_pylist())]
+    gamma, _ = lda.inference(docs)
+    topics = (gamma / gamma.sum(axis=1, keepdims=True)).astype(np.float32)
+    return pa.RecordBatch.from_arrays(
+        [batch.column("post_id"), pa.FixedSizeListArray.from_arrays(pa.array(topics.ravel()), num_topics)
+         .cast(pa.list_(pa.float32()))], names=["post_id", "topics"])
+
+
+def infer_topics(spark: SparkSession, cfg: Config) -> Summary:
+    lake = Lake(cfg.lake)
+    out = lake.table("topics")
+    begin_output(spark, out)
+    bow = read_table(spark, lake.table("bow"), "train_lda").select("post_id", "ids", "counts")
+    lda = load_lda(spark, lake, cfg)
+    k = lda.num_topics
+    blob = spark.sparkContext.broadcast(pickle.dumps(lda))
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
+    topics = bow.mapInArrow(lambda bs: (infer_batch(b, blob, k) for b in bs), "post_id string, topics array<float>")
+    topics.write.mode("overwrite").parquet(out)
+    n = spark.read.parquet(out).count()
+    trained = read_summary(spark, lake.model("lda"))
+    return Summary(stage="infer_topics", input_rows=bow.count(), output_rows=n, output=out,
+                   extra={"num_topics": k, "posts_without_topics": trained["input_rows"] - trained["output_rows"]})
+
+
+def topic_matrix(lda) -> np.ndarray:
+    """p(word | topic), topics x vocabulary (gensim get_topics)."""
+    return lda.get_topics()
