@@ -22,10 +22,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
-from _common import CACHE, header, real_photos, run_job, single_core
+from _common import CACHE, ROOT, header, real_photos, run_job, single_core
 
 import cv2  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -116,6 +119,38 @@ def per_core(name: str, files: list[bytes], repeat: int, oversample: float) -> d
     return row
 
 
+MAP_ONLY = """
+import sys, time
+sys.path.insert(0, {root!r})
+from pyspark.sql.pandas.types import from_arrow_schema
+from sparkml.config import load_config
+from sparkml.images import IMAGES_ARROW, prepare_batch
+from sparkml.session import get_session
+spark = get_session(load_config({conf!r}, ["spark.master={master}", "lake={lake}"]))
+spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
+posts = spark.read.parquet({posts!r}).select("post_id", "image_bytes")
+best = 1e9
+for _ in range(2):
+    t0 = time.perf_counter()
+    posts.mapInArrow(lambda bs: (prepare_batch(b) for b in bs), from_arrow_schema(IMAGES_ARROW)) \
+        .write.format("noop").mode("overwrite").save()
+    best = min(best, time.perf_counter() - t0)
+print("SECONDS", best)
+"""
+
+
+def map_only(lake, master: str) -> float:
+    """The decode step alone (read posts, mapInArrow prepare_batch, noop sink), best of 2."""
+    code = MAP_ONLY.format(root=str(ROOT), conf=str(ROOT / "conf" / "local.yaml"), master=master, lake=str(lake),
+                           posts=str(lake / "tables" / "posts"))
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
+    line = [x for x in out.stdout.splitlines() if x.startswith("SECONDS")]
+    if not line:
+        raise SystemExit(out.stderr[-2000:])
+    return float(line[0].split()[1])
+
+
 def spark_scaling(files: list[bytes], rounds: int) -> dict:
     d = CACHE / "prepare" / f"spark-{len(files)}"
     d.mkdir(parents=True, exist_ok=True)
@@ -137,6 +172,10 @@ def spark_scaling(files: list[bytes], rounds: int) -> dict:
     one, two = min(secs["local[1]"]), min(secs["local[2]"])
     row = {"images": len(files), "local1_s": one, "local2_s": two, "local1_img_s": len(files) / one,
            "local2_img_s": len(files) / two, "speedup": one / two}
+    m1, m2 = map_only(lake, "local[1]"), map_only(lake, "local[2]")
+    row.update(map_local1_s=m1, map_local2_s=m2, map_speedup=m1 / m2)
+    print(f"     spark: decode step only (mapInArrow, noop sink): local[1] {m1:.1f} s | local[2] {m2:.1f} s | "
+          f"speedup {m1 / m2:.2f}x")
     print(f"     spark: prepare_images on {len(files)} 640x640 posts | local[1] {one:.1f} s ({row['local1_img_s']:.0f} img/s) | "
           f"local[2] {two:.1f} s ({row['local2_img_s']:.0f} img/s) | speedup {row['speedup']:.2f}x "
           f"(best of {rounds}; stage time from _SUMMARY.json, JVM start excluded)")

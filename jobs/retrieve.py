@@ -8,15 +8,22 @@ PNG per query under <lake>/reports/retrieval/. A query with no known word exits 
     spark-submit jobs/retrieve.py --config conf/local.yaml --query "skyline night" --k 20
 """
 
+import argparse
 import sys
 
 from sparkml import cli
 from sparkml.retrieval import retrieve
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (got {text!r})")
+    return int(text)
+
+
 def _args(p):
     p.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    p.add_argument("--k", type=int, default=None, help="images per query (default retrieval.k)")
+    p.add_argument("--k", type=_positive, default=None, help="images per query (default retrieval.k)")
 
 
 def main(argv=None) -> int:

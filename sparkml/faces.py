@@ -24,6 +24,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
+from sparkml.schemas import Reason
+
 Box = tuple[float, float, float, float, float]
 
 
@@ -145,7 +147,7 @@ def detect_batch(batch: pa.RecordBatch, settings: tuple) -> pa.RecordBatch:
         rows["best_confidence"].append(max((b[4] for b in boxes), default=0.0))
         rows["detector"].append(det.name)
         rows["params"].append(params)
-        rows["reason"].append(None if bgr is not None else "corrupt_image")
+        rows["reason"].append(None if bgr is not None else Reason.CORRUPT_IMAGE.value)
         rows["detail"].append(None if bgr is not None else "the prepared JPEG did not decode")
     return pa.RecordBatch.from_pydict(rows, schema=FACES_ARROW)
 
