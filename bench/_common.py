@@ -83,9 +83,24 @@ def single_core() -> None:
 OUTPUTS = {"ingest": "tables/posts", "prepare_images": "tables/images", "dedup": "tables/duplicates"}
 
 
+def _env() -> dict:
+    return dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
+
+
+def run_python(code: str, tag: str, pin_one_core: bool = False) -> list[float]:
+    """Run `code` in a fresh Python process (its own JVM / memory peak); return the numbers it
+    prints after `tag` on one line."""
+    cmd = (["taskset", "-c", "0"] if pin_one_core else []) + [sys.executable, "-c", code]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    line = [x for x in out.stdout.splitlines() if x.startswith(tag + " ")]
+    if not line:
+        raise SystemExit(out.stderr[-2000:])
+    return [float(x) for x in line[0].split()[1:]]
+
+
 def run_job(stage: str, lake: Path, master: str, manifest: Path, *sets: str) -> dict:
     """Run jobs/<stage>.py in its own process (its own JVM) on a manifest; return its summary."""
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
+    env = _env()
     cmd = [sys.executable, str(ROOT / "jobs" / f"{stage}.py"), "--config", str(ROOT / "conf" / "local.yaml"),
            "--set", f"lake={lake}", "--set", f"spark.master={master}", "--set", f"source.path={manifest}",
            "--set", "source.layout=manifest"] + [x for s in sets for x in ("--set", s)]

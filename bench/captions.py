@@ -22,13 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
-from _common import CACHE, ROOT, header, single_core
+from _common import CACHE, ROOT, header, run_python, single_core
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -95,12 +92,7 @@ def bench_spark(texts: list[str]) -> dict:
     for master in ("local[1]", "local[2]"):
         code = SPARK_CHILD.format(root=str(ROOT), conf=str(ROOT / "conf" / "local.yaml"), master=master,
                                   path=str(path), parts=8)
-        env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-        line = [x for x in out.stdout.splitlines() if x.startswith("SECONDS")]
-        if not line:
-            raise SystemExit(out.stderr[-2000:])
-        secs[master] = float(line[0].split()[1])
+        secs[master] = run_python(code, "SECONDS")[0]
     row = {m: len(texts) / s for m, s in secs.items()}
     row["speedup"] = secs["local[1]"] / secs["local[2]"]
     print(f"preprocess on Spark (tokenize, mapInArrow, noop sink, best of 3): local[1] {row['local[1]']:.0f}/s | "
@@ -146,12 +138,7 @@ def bench_lda(n: int, topics: int, vocab: int = 20000) -> list[dict]:
     rows = []
     for in_memory in (True, False):
         code = LDA_CHILD.format(root=str(ROOT), vocab=vocab, path=path, in_memory=in_memory, topics=topics)
-        out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
-                             cwd=ROOT)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT")]
-        if not line:
-            raise SystemExit(out.stderr[-2000:])
-        secs, rss = map(float, line[0].split()[1:])
+        secs, rss = run_python(code, "RESULT", pin_one_core=True)
         rows.append({"docs": n, "in_memory": in_memory, "docs_per_s": n / secs, "peak_rss_mb": rss})
         print(f"LDA {topics} topics, {n:>7} docs, {'in-memory list (original)' if in_memory else 'streaming Parquet (ours)':26s}: "
               f"{n / secs:7.0f} docs/s | peak RSS {rss:7.0f} MB")

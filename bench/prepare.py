@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
-from _common import CACHE, ROOT, header, real_photos, run_job, single_core
+from _common import CACHE, ROOT, header, real_photos, run_job, run_python, single_core
 
 import cv2  # noqa: E402
 import pyarrow as pa  # noqa: E402
@@ -143,12 +140,7 @@ def map_only(lake, master: str) -> float:
     """The decode step alone (read posts, mapInArrow prepare_batch, noop sink), best of 2."""
     code = MAP_ONLY.format(root=str(ROOT), conf=str(ROOT / "conf" / "local.yaml"), master=master, lake=str(lake),
                            posts=str(lake / "tables" / "posts"))
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
-    line = [x for x in out.stdout.splitlines() if x.startswith("SECONDS")]
-    if not line:
-        raise SystemExit(out.stderr[-2000:])
-    return float(line[0].split()[1])
+    return run_python(code, "SECONDS")[0]
 
 
 def spark_scaling(files: list[bytes], rounds: int) -> dict:

@@ -167,7 +167,7 @@ def detect_faces(spark, cfg) -> "Summary":
     images = read_table(spark, lake.table("images"), "prepare_images").select("post_id", "image")
     f = cfg.faces
     settings = (f.detector, f.model, f.max_side, f.scale_factor, f.min_neighbors)
-    detector_for(cfg)  # fail here, on the driver, on a bad model path: not in every task
+    det = detector_for(cfg)  # fail here, on the driver, on a bad model path: not in every task
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
     result = images.mapInArrow(lambda bs: (detect_batch(b, settings) for b in bs),
                                from_arrow_schema(FACES_ARROW)).persist(StorageLevel.DISK_ONLY)
@@ -178,7 +178,6 @@ def detect_faces(spark, cfg) -> "Summary":
     agg = good.agg(F.count("*").alias("n"), F.sum((F.col("faces") > 0).cast("int")).alias("any"),
                    F.sum((F.col("best_confidence") >= f.min_confidence).cast("int")).alias("passed")).first()
     result.unpersist()
-    det = detector_for(cfg)
     return Summary(stage="detect_faces", input_rows=images.count(), output_rows=int(agg["n"]), rejected=rejected,
                    output=out, extra={"detector": det.name, "params": det.params, "with_any_face": int(agg["any"] or 0),
                                       "min_confidence": f.min_confidence,

@@ -216,8 +216,3 @@ def infer_topics(spark: SparkSession, cfg: Config) -> Summary:
     trained = read_summary(spark, lake.model("lda"))
     return Summary(stage="infer_topics", input_rows=bow.count(), output_rows=n, output=out,
                    extra={"num_topics": k, "posts_without_topics": trained["input_rows"] - trained["output_rows"]})
-
-
-def topic_matrix(lda) -> np.ndarray:
-    """p(word | topic), topics x vocabulary (gensim get_topics)."""
-    return lda.get_topics()
