@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix  # noqa: E402
 from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 from sparkml.config import Sample  # noqa: E402
-from sparkml.images import phash  # noqa: E402
+from sparkml.images import phash, thumb32  # noqa: E402
 from sparkml.sample import generate  # noqa: E402
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
@@ -98,8 +98,7 @@ def main() -> None:
     pix = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB"))
            for b in pq.read_table(lake / "tables" / "images", columns=["image"]).column("image").to_pylist()]
     t0 = time.perf_counter()
-    phash(np.stack([cv2.resize(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY), (32, 32), interpolation=cv2.INTER_AREA)
-                    .astype(np.float32) for a in pix]))
+    phash(np.stack([thumb32(cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)) for a in pix]))
     ours["hash_seconds"] = time.perf_counter() - t0
     del pix
     ours["seconds"] = s["seconds"]

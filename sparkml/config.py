@@ -66,8 +66,10 @@ class Prepare(Section):
         "squash", description="squash: whole image to a square, as the original did; crop: centre square keeping aspect")
     quality: int = Field(90, ge=1, le=100, description="JPEG quality of the prepared images")
     oversample: float = Field(
-        1.25, ge=1, le=4, description="JPEGs are decoded in the DCT domain to >= oversample x size before the Lanczos "
-                                      "resize: 1 is fastest but softer, 1.25 stays within 1 dB of Pillow LANCZOS (docs/benchmarks.md)")
+        1.2, ge=1, le=4, description="JPEGs are decoded in the DCT domain at the largest 1/2, 1/4 or 1/8 scale leaving "
+                                     ">= oversample x size per side, then Lanczos-resized: 1 is fastest but softer (a "
+                                     "640 px photo at 1/2 is 1.3 dB off Pillow LANCZOS), 1.2 stays within 0.6 dB "
+                                     "(docs/benchmarks.md)")
     max_pixels: int = Field(100_000_000, ge=1, description="images whose header claims more pixels are rejected undecoded")
     min_side: int = Field(32, ge=1, description="images smaller than this on a side are rejected (icons, tracking pixels)")
     batch_rows: int = Field(64, ge=1, description="images per Arrow batch handed to Python")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparkml.images import Prepared, Rejected, hamming, phash, prepare_image, sniff
+from sparkml.images import Prepared, Rejected, _decode_scale, hamming, phash, prepare_image, sniff
 from sparkml.sample import IMG_DIR
 from sparkml.schemas import Reason
 from tests.conftest import SHARED, planted
@@ -80,10 +80,34 @@ def test_policies_and_quality_against_lanczos():
     baseline = _psnr(_decode(_jpeg(full.resize((300, 300), Image.LANCZOS))), ref)  # the original's way
     squash = prepare_image(data, size=300, policy="squash", quality=95)
     assert (squash.width, squash.height) == (1600, 1200)
-    assert _psnr(_decode(squash.image), ref) > baseline - 1  # DCT-domain 1/4 decode + area resize
+    assert _psnr(_decode(squash.image), ref) > baseline - 1  # DCT-domain 1/2 decode (800x600) + Lanczos
     crop = prepare_image(data, size=300, policy="crop", quality=95)
     centre = np.asarray(full.crop((200, 0, 1400, 1200)).resize((300, 300), Image.LANCZOS), np.float32)
     assert _psnr(_decode(crop.image), centre) > _psnr(_decode(crop.image), ref) + 3
+
+
+def test_decode_scale_is_the_largest_power_of_two_reduction_that_covers():
+    assert _decode_scale(640, 640, 360, 360) == (640, 640)  # 1/2 would leave 320
+    assert _decode_scale(720, 960, 360, 360) == (360, 480)
+    assert _decode_scale(1080, 1080, 360, 360) == (540, 540)
+    assert _decode_scale(3024, 4032, 360, 360) == (378, 504)  # 1/8
+    assert _decode_scale(1001, 999, 125, 125) == (126, 125)  # rounds up, as libjpeg does
+
+
+def test_colours_and_odd_sizes_survive_the_planes():
+    # Left half pure red, right half pure blue, a green bar: a swapped or shifted chroma
+    # plane shows as the wrong colour, an odd size as a wrong chroma plane size.
+    arr = np.zeros((480, 720, 3), np.uint8)
+    arr[:, :360, 0] = 255
+    arr[:, 360:, 2] = 255
+    arr[200:280, :, :] = (0, 255, 0)
+    for size, policy in ((225, "crop"), (301, "squash")):
+        out = prepare_image(_jpeg(Image.fromarray(arr)), size=size, policy=policy)
+        img = _decode(out.image)
+        assert img.shape == (size, size, 3)
+        q = size // 8
+        for (y, x), colour in (((q, q), (255, 0, 0)), ((q, size - q), (0, 0, 255)), ((size // 2, size // 2), (0, 255, 0))):
+            assert np.abs(img[y - 2:y + 3, x - 2:x + 3].mean(axis=(0, 1)) - colour).max() < 30, (size, policy, y, x)
 
 
 def test_transparency_goes_on_white():
