@@ -171,16 +171,17 @@ def resize_planes(rgb: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, 
 
     The output keeps chroma at half resolution, where the JPEG encoding's own error dwarfs a
     resampling one, so only luma gets the full-resolution Lanczos; chroma is box-averaged 2x
-    (and again while that still covers its target) and then resized. About a third of the work
-    of resizing three full channels, and no colour conversion or subsampling left for the encoder."""
+    (and again while that still covers its target), converted, then resized. About a third of
+    the work of resizing three full channels, and no colour conversion or subsampling left
+    for the encoder."""
     rgb = _crop(rgb, policy)
     half = (size + 1) // 2
     luma = _downscale(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY, dst=_scratch("gray", rgb.shape[:2])), size, size, "luma")
-    small = cv2.cvtColor(_halve(rgb), cv2.COLOR_RGB2YCrCb)
+    small = _halve(rgb)
     while min(small.shape[:2]) >= 2 * half:
         small = _halve(small)
-    _, cr, cb = cv2.split(small)
-    return luma, _downscale(cb, half, half), _downscale(cr, half, half)
+    _, cr, cb = cv2.split(_downscale(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb), half, half))
+    return luma, cb, cr
 
 
 def _decode_target(w: int, h: int, size: int, policy: str, oversample: float) -> tuple[int, int]:
