@@ -123,9 +123,14 @@ _IDENTITY = np.ones(1, np.float32)
 _SCRATCH = threading.local()
 
 
+_SCRATCH_MAX = 64 << 20  # bytes; anything larger (a rare huge decode) is not kept
+
+
 def _scratch(key: str, shape: tuple[int, ...]) -> np.ndarray:
     """A uint8 work array reused by the next image of the same shape in this thread: fresh
     megabyte arrays per image cost page faults (~7% of a 640 px image's time, measured)."""
+    if int(np.prod(shape)) > _SCRATCH_MAX:
+        return np.empty(shape, np.uint8)
     a = getattr(_SCRATCH, key, None)
     if a is None or a.shape != shape:
         a = np.empty(shape, np.uint8)
@@ -211,13 +216,9 @@ def _decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray | None:
     thread's scratch buffer (valid until the next call), or None when libjpeg reports any
     damage (the caller then lets Pillow decide between a reject and a tolerable warning).
     Nearest-neighbour chroma upsampling: resize_planes box-averages chroma back anyway."""
-    buf = getattr(_SCRATCH, "decoded", None)
-    if buf is None or buf.size < width * height * 3:
-        buf = np.empty(width * height * 3, np.uint8)
-        _SCRATCH.decoded = buf
     try:
         return simplejpeg.decode_jpeg(data, "RGB", fastupsample=True, min_width=width, min_height=height,
-                                      buffer=buf, strict=True)
+                                      buffer=_scratch("decoded", (height, width, 3)), strict=True)
     except ValueError:
         return None
 
