@@ -106,3 +106,9 @@ def run_job(name: str, *args: str) -> int:
 
 def planted(truth: dict, kind: str, layout: str = "instacities") -> list[dict]:
     return [c for c in truth["planted"] if c["kind"] == kind and layout in c.get("layouts", [layout])]
+
+
+def rejects_by_reason(spark, lake, stage: str) -> dict[str, set[str]]:
+    """The stage's rejected table as reason -> post_ids."""
+    rejected = spark.read.parquet(lake.rejected(stage)).toPandas()
+    return rejected.groupby("reason").post_id.apply(set).to_dict()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparkml.lake import read_summary
-from tests.conftest import planted, run_job
+from tests.conftest import planted, rejects_by_reason, run_job
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,7 @@ def test_follower_filter_accounts_and_rejects_planted_engagement(spark, labelled
     s = read_summary(spark, lake.table("likability_labels"))
     posts = read_summary(spark, lake.table("posts"))
     assert s["balanced"] and s["input_rows"] == posts["output_rows"]
-    rejects = spark.read.parquet(lake.rejected("filter_followers")).toPandas()
-    by_reason = rejects.groupby("reason").post_id.apply(set).to_dict()
+    by_reason = rejects_by_reason(spark, lake, "filter_followers")
     for kind, reason in (("followers_zero", "followers_zero"), ("followers_negative", "followers_negative"),
                          ("followers_missing", "followers_missing"), ("recent_post", "too_recent")):
         want = {c["post_id"] for c in planted(truth, kind, "manifest")}

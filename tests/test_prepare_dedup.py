@@ -6,7 +6,7 @@ from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
 from sparkml.images import hamming
 from sparkml.lake import read_summary
 from sparkml.sample import MANIFEST
-from tests.conftest import planted, run_job
+from tests.conftest import planted, rejects_by_reason, run_job
 
 
 def test_bands_and_masks():
@@ -41,8 +41,7 @@ def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):
     s = read_summary(spark, lake.table("images"))
     posts = read_summary(spark, lake.table("posts"))
     assert s["balanced"] and s["input_rows"] == posts["output_rows"]
-    rejected = spark.read.parquet(lake.rejected("prepare_images")).toPandas()
-    by_reason = rejected.groupby("reason").post_id.apply(set).to_dict()
+    by_reason = rejects_by_reason(spark, lake, "prepare_images")
     assert by_reason == {
         "truncated_image": {c["post_id"] for c in planted(truth, "truncated")},
         "not_an_image": {c["post_id"] for c in planted(truth, "not_an_image")},
