@@ -70,8 +70,13 @@ def make_set(name: str, n: int, shape: tuple[int, int], seed: int = 0) -> list[b
 
 
 def baseline(data: bytes) -> bytes:
-    """The original: PIL open, resize to 300x300 with LANCZOS, save JPEG."""
-    im = Image.open(io.BytesIO(data)).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)
+    """The original: PIL open, resize to 300x300 with LANCZOS, save JPEG. (Converted to RGB
+    only when it is not RGB already: an unconditional convert copies the decoded image, which
+    made this loop ~25% slower than the original's and flattered our ratio.)"""
+    im = Image.open(io.BytesIO(data))
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    im = im.resize((SIZE, SIZE), Image.LANCZOS)
     buf = io.BytesIO()
     im.save(buf, "JPEG", quality=QUALITY)
     return buf.getvalue()

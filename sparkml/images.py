@@ -7,8 +7,10 @@ Fast path: JPEG is decoded by libjpeg-turbo (simplejpeg), in the DCT domain at t
 power-of-two reduction (1/8, 1/4, 1/2) that still leaves `oversample` x the target on each
 side (a 12 MP phone photo decodes at 1/8, a 640x640 one at full size by default and at 1/2
 with oversample 1). The result is resized straight into the planes of the 4:2:0 JPEG it
-becomes: luma with an antialiased Lanczos-3 filter (OpenCV separable filter + cubic
-sampling) at full resolution, chroma at half resolution, and encoded from those planes.
+becomes: luma with Pillow's antialiased LANCZOS from full resolution (the same weights,
+evaluated only at the output positions by a numba-compiled loop), chroma at half
+resolution, and encoded from those planes. A colour JPEG without metadata segments has its
+header read by libjpeg alone; anything else goes through Pillow's open (EXIF orientation).
 Decoding at exactly the target (oversample 1) is faster but softer: the DCT-domain shrink is
 blockier than a Lanczos filter (measured in docs/benchmarks.md). Dimensions are checked
 before decoding, so a decompression bomb costs a header read.
@@ -22,11 +24,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
+import math
 import threading
 from dataclasses import dataclass
 from struct import error as struct_error  # Pillow raises it on some corrupt headers
 
 import cv2
+import numba
 import numpy as np
 import pyarrow as pa
 import simplejpeg
@@ -111,49 +115,81 @@ def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _lanczos(scale: float, a: int = 3) -> np.ndarray:
-    """1-D Lanczos-a kernel stretched by `scale` (> 1: downscaling), normalised."""
-    n = int(np.floor(a * scale))  # taps inside the window |x| < a; the next ones are zero
-    x = np.arange(-n, n + 1, dtype=np.float64) / scale
-    k = np.sinc(x) * np.sinc(x / a)
-    return (k / k.sum()).astype(np.float32)
+def _lanczos_taps(n_in: int, n_out: int, a: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Pillow's LANCZOS along one axis as taps: output j = sum_t w[j, t] * input[lo[j] + t].
+
+    Output j is centred at (j + 0.5) * n_in / n_out; its weights are the Lanczos-a kernel
+    stretched by the reduction, so it low-passes at the output's Nyquist rate (antialiased;
+    plain Lanczos interpolation when enlarging), clipped at the edges and renormalised,
+    exactly as Pillow's resample computes them. Windows are shifted to lie inside the
+    input, with zero weights where Pillow's window is shorter."""
+    scale = n_in / n_out
+    stretch = max(scale, 1.0)
+    centre = (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centre - a * stretch + 0.5).astype(np.int64), 0)
+    end = np.minimum((centre + a * stretch + 0.5).astype(np.int64), n_in)
+    k = min(int((end - first).max()), n_in)
+    lo = np.minimum(first, n_in - k)
+    idx = lo[:, None] + np.arange(k)[None, :]
+    x = (idx - centre[:, None] + 0.5) / stretch
+    w = np.sinc(x) * np.sinc(x / a) * ((idx >= first[:, None]) & (idx < end[:, None]) & (np.abs(x) < a))
+    return lo, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-_IDENTITY = np.ones(1, np.float32)
+@numba.njit(nogil=True)
+def _resample_rows(src, lo, w, out):  # pragma: no cover - compiled by numba
+    """out[j] = sum_t w[j, t] * src[lo[j] + t] for whole rows: the inner loop runs along a
+    contiguous row, which LLVM vectorises (uint8 or float32 in, float32 out)."""
+    for j in range(out.shape[0]):
+        acc = out[j]
+        acc[:] = 0.0
+        for t in range(w.shape[1]):
+            wt = w[j, t]
+            row = src[lo[j] + t]
+            for x in range(acc.shape[0]):
+                acc[x] += wt * row[x]
+
+
 _SCRATCH = threading.local()
-
-
 _SCRATCH_MAX = 64 << 20  # bytes; anything larger (a rare huge decode) is not kept
+_SCRATCH_KEEP = 16       # arrays kept per thread (images of many sizes would grow it otherwise)
 
 
-def _scratch(key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A uint8 work array reused by the next image of the same shape in this thread: fresh
+def _scratch(key: str, shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
+    """A work array reused by the next image of the same shape in this thread: fresh
     megabyte arrays per image cost page faults (~7% of a 640 px image's time, measured)."""
-    if int(np.prod(shape)) > _SCRATCH_MAX:
-        return np.empty(shape, np.uint8)
-    a = getattr(_SCRATCH, key, None)
-    if a is None or a.shape != shape:
-        a = np.empty(shape, np.uint8)
-        setattr(_SCRATCH, key, a)
+    kept = _SCRATCH.__dict__
+    a = kept.get((key, shape, dtype))
+    if a is None:
+        a = np.empty(shape, dtype)
+        if a.nbytes <= _SCRATCH_MAX:
+            if len(kept) >= _SCRATCH_KEEP:
+                del kept[next(iter(kept))]
+            kept[key, shape, dtype] = a
     return a
 
 
-def _downscale(arr: np.ndarray, width: int, height: int, scratch: str | None = None) -> np.ndarray:
-    """Antialiased Lanczos-3 resize of a uint8 image with 1-4 channels: low-pass both axes at
-    the output's Nyquist rate in one separable pass, then cubic sampling (Pillow's LANCZOS
-    response within ~0.1-0.3 dB). An axis smaller than the target is only interpolated.
-    `scratch` names a reusable buffer for the full-size filtered intermediate."""
-    h, w = arr.shape[:2]
-    if (h, w) == (height, width):
-        return arr.copy()
-    if w > 3 * width or h > 3 * height:  # big reductions: box-average most of the way first
-        arr = cv2.resize(arr, (min(w, 2 * width), min(h, 2 * height)), interpolation=cv2.INTER_AREA)
-        h, w = arr.shape[:2]
-    if w > width or h > height:
-        arr = cv2.sepFilter2D(arr, -1, _lanczos(w / width) if w > width else _IDENTITY,
-                              _lanczos(h / height) if h > height else _IDENTITY,
-                              dst=_scratch(scratch, arr.shape) if scratch else None, borderType=cv2.BORDER_REFLECT)
-    return cv2.resize(arr, (width, height), interpolation=cv2.INTER_CUBIC)
+def _resample(planes: list[np.ndarray], width: int, height: int) -> list[np.ndarray]:
+    """Lanczos-3 resize of uint8 planes of one shape: Pillow's LANCZOS to within rounding (the
+    filter evaluated only at the output positions, in float32, rounded once). Rows first, for
+    all planes side by side, then a transpose so the columns are resampled as rows too."""
+    h, w = planes[0].shape
+    n = len(planes)
+    src = planes[0] if n == 1 else np.concatenate(planes, axis=1)
+    rows = _scratch("resample_rows", (height, n * w), np.float32)
+    if h != height:
+        _resample_rows(np.ascontiguousarray(src), *_lanczos_taps(h, height), rows)
+    else:
+        np.copyto(rows, src)
+    cols = cv2.transpose(rows, dst=_scratch("resample_cols", (n * w, height), np.float32))
+    out = []
+    for i in range(n):
+        plane = cols[i * w:(i + 1) * w]
+        if w != width:
+            plane = _scratch("resample_out", (width, height), np.float32)
+            _resample_rows(cols[i * w:(i + 1) * w], *_lanczos_taps(w, width), plane)
+        out.append(cv2.transpose(cv2.add(plane, 0.0, dtype=cv2.CV_8U)))  # rounded, saturated
+    return out
 
 
 def _crop(arr: np.ndarray, policy: str) -> np.ndarray:
@@ -166,26 +202,29 @@ def _crop(arr: np.ndarray, policy: str) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def _halve(arr: np.ndarray) -> np.ndarray:
+def _halve(arr: np.ndarray, scratch: str | None = None) -> np.ndarray:
     h, w = arr.shape[:2]
-    return cv2.resize(arr, ((w + 1) // 2, (h + 1) // 2), interpolation=cv2.INTER_AREA)
+    size = ((w + 1) // 2, (h + 1) // 2)
+    dst = _scratch(scratch, (size[1], size[0]) + arr.shape[2:]) if scratch else None
+    return cv2.resize(arr, size, dst=dst, interpolation=cv2.INTER_AREA)
 
 
 def resize_planes(rgb: np.ndarray, size: int, policy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """RGB -> the planes of a size x size 4:2:0 JPEG: Y (size x size), Cb and Cr (half size).
 
     The output keeps chroma at half resolution, where the JPEG encoding's own error dwarfs a
-    resampling one, so only luma gets the full-resolution Lanczos; chroma is box-averaged 2x
-    (and again while that still covers its target), converted, then resized. About a third of
-    the work of resizing three full channels, and no colour conversion or subsampling left
+    resampling one, so only luma gets the Lanczos from full resolution; chroma is box-averaged
+    2x (and again while that still covers its target), converted, then resized. About a third
+    of the work of resizing three full channels, and no colour conversion or subsampling left
     for the encoder."""
     rgb = _crop(rgb, policy)
     half = (size + 1) // 2
-    luma = _downscale(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY, dst=_scratch("gray", rgb.shape[:2])), size, size, "luma")
-    small = _halve(rgb)
+    [luma] = _resample([cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY, dst=_scratch("gray", rgb.shape[:2]))], size, size)
+    small = _halve(rgb, "halved")
     while min(small.shape[:2]) >= 2 * half:
         small = _halve(small)
-    _, cr, cb = cv2.split(_downscale(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb), half, half))
+    _, cr, cb = cv2.split(cv2.cvtColor(small, cv2.COLOR_RGB2YCrCb))
+    cb, cr = _resample([cb, cr], half, half)
     return luma, cb, cr
 
 
@@ -194,8 +233,8 @@ def _decode_target(w: int, h: int, size: int, policy: str, oversample: float) ->
     t = size * oversample
     if policy == "crop":
         side = min(w, h)
-        return int(np.ceil(t * w / side)), int(np.ceil(t * h / side))
-    return int(np.ceil(t)), int(np.ceil(t))
+        return math.ceil(t * w / side), math.ceil(t * h / side)
+    return math.ceil(t), math.ceil(t)
 
 
 def _decode_scale(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
@@ -209,6 +248,31 @@ def _decode_scale(w: int, h: int, tw: int, th: int) -> tuple[int, int]:
         if sw >= tw and sh >= th:
             return sw, sh
     return w, h
+
+
+def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a colour (YCbCr) JPEG that has no APP1 segment, from libjpeg's header
+    read and a walk over the marker segments: a few microseconds against ~50 for Pillow's
+    open. None for anything else (grayscale, CMYK, Exif or XMP metadata that may carry an
+    orientation, an unreadable header): Pillow reads those."""
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colorspace != "YCbCr":
+        return None
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xE1:  # Exif or XMP
+            return None
+        if marker in (0xDA, 0xD9):  # start of scan: the metadata segments are behind us
+            return width, height
+        i += 2 + ((data[i + 2] << 8) | data[i + 3])
+    return None
 
 
 def _decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray | None:
@@ -230,23 +294,29 @@ def prepare_image(data: bytes, size: int = 300, policy: str = "squash", quality:
     if fmt is None:
         return Rejected(Reason.NOT_AN_IMAGE, f"unrecognized leading bytes {data[:8].hex()}")
     try:
-        im = Image.open(io.BytesIO(data))  # reads the header only
-        w, h = im.size
+        im, header = None, _plain_jpeg_size(data) if fmt == "jpeg" else None
+        if header:  # a colour JPEG without metadata segments: no orientation to read
+            (w, h), mode, orientation = header, "RGB", 1
+        else:
+            im = Image.open(io.BytesIO(data))  # reads the header only
+            (w, h), mode = im.size, im.mode
+            orientation = int(im.getexif().get(ORIENTATION_TAG, 1)) if fmt in ("jpeg", "tiff", "webp", "png") else 1
+            orientation = orientation if 1 <= orientation <= 8 else 1
+        stored = (w, h)  # as decoded, before orientation
         if w * h > max_pixels:
             return Rejected(Reason.DECOMPRESSION_BOMB, f"{w}x{h} = {w * h} pixels > prepare.max_pixels {max_pixels}")
-        orientation = int(im.getexif().get(ORIENTATION_TAG, 1)) if fmt in ("jpeg", "tiff", "webp", "png") else 1
-        orientation = orientation if 1 <= orientation <= 8 else 1
         if orientation >= 5:
             w, h = h, w
         if min(w, h) < min_side:
             return Rejected(Reason.TOO_SMALL, f"{w}x{h} is smaller than prepare.min_side {min_side}")
-        mode = im.mode
         # Decoded dimensions are before orientation: swap the target back for quarter turns.
         tw, th = _decode_target(w, h, size, policy, oversample)
         if orientation >= 5:
             tw, th = th, tw
-        arr = _decode_jpeg(data, *_decode_scale(*im.size, tw, th)) if fmt == "jpeg" and mode == "RGB" else None
+        arr = _decode_jpeg(data, *_decode_scale(*stored, tw, th)) if fmt == "jpeg" and mode == "RGB" else None
         if arr is None:  # CMYK, grayscale, damaged JPEGs and every other format: Pillow decides
+            if im is None:
+                im = Image.open(io.BytesIO(data))
             if fmt == "jpeg":
                 im.draft(mode, (tw, th))  # DCT-domain 1/2, 1/4, 1/8 only
             im.load()

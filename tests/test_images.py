@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparkml.images import Prepared, Rejected, _decode_scale, hamming, phash, prepare_image, sniff
+from sparkml.images import Prepared, Rejected, _decode_scale, _plain_jpeg_size, _resample, hamming, phash, prepare_image, sniff
 from sparkml.sample import IMG_DIR
 from sparkml.schemas import Reason
 from tests.conftest import SHARED, planted
@@ -92,6 +92,34 @@ def test_decode_scale_is_the_largest_power_of_two_reduction_that_covers():
     assert _decode_scale(1080, 1080, 360, 360) == (540, 540)
     assert _decode_scale(3024, 4032, 360, 360) == (378, 504)  # 1/8
     assert _decode_scale(1001, 999, 125, 125) == (126, 125)  # rounds up, as libjpeg does
+
+
+def test_only_plain_colour_jpegs_skip_pillows_header_read():
+    rgb = Image.fromarray(np.zeros((40, 60, 3), np.uint8))
+    assert _plain_jpeg_size(_jpeg(rgb)) == (60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert _plain_jpeg_size(_jpeg(rgb, exif=exif.tobytes())) is None  # the orientation is Pillow's to read
+    assert _plain_jpeg_size(_jpeg(rgb.convert("L"))) is None
+    assert _plain_jpeg_size(_jpeg(rgb.convert("CMYK"))) is None
+    assert _plain_jpeg_size(b"\xff\xd8\xff\xe0garbage") is None
+
+
+@pytest.mark.parametrize("shape, out", [((640, 640), (300, 300)), ((480, 720), (150, 150)), ((1000, 333), (200, 300)),
+                                        ((33, 35), (300, 300)), ((40, 40), (20, 40)), ((64, 64), (64, 64))])
+def test_resample_is_pillows_lanczos(shape, out):
+    # Pillow's LANCZOS on float images (no 8-bit rounding between its two passes) is the
+    # definition: ours must agree to the rounding, for reductions, enlargements, identity,
+    # and for several planes resampled side by side.
+    rng = np.random.default_rng(1)
+    h, w = shape
+    a = np.asarray(Image.fromarray(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1), dtype=np.uint8)).resize((w, h), Image.BICUBIC))
+    planes = [a, np.ascontiguousarray(255 - a[::-1])]
+    got = _resample(planes, out[1], out[0])
+    for g, p in zip(got, planes):
+        ref = np.asarray(Image.fromarray(p.astype(np.float32), "F").resize((out[1], out[0]), Image.LANCZOS))
+        assert g.shape == out and g.dtype == np.uint8
+        assert np.abs(g.astype(np.int32) - np.clip(np.rint(ref), 0, 255)).max() <= 1
 
 
 def test_colours_and_odd_sizes_survive_the_planes():
