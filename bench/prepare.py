@@ -1,7 +1,7 @@
 """Benchmark 1 and 2 of image preparation (issue 3).
 
 1. Per-core throughput of our per-image path (prepare_batch: sniff, header bomb check,
-   libjpeg-turbo decode at a power-of-two DCT scale, Lanczos-3 luma + half-size chroma
+   libjpeg-turbo decode at a power-of-two DCT scale, Pillow's LANCZOS for luma + half-size chroma
    straight into 4:2:0 planes, JPEG encode, SHA-256, pHash) against the original study's
    way, measured in the same run on the same bytes: a plain Python loop of PIL open ->
    resize((300, 300), LANCZOS) -> save JPEG. Both write JPEG at the same quality (90, our
@@ -15,7 +15,7 @@
 
 Our path is timed at the default prepare.oversample (1.2: decode at the largest 1/2^k
 scale leaving >= 360 px, so 640 px decodes at full size and 1080 px at 1/2) and at 1.0
-(640 px decodes at 1/2 = 320 px: faster, 1.3 dB softer).
+(640 px decodes at 1/2 = 320 px: faster, ~1 dB softer).
 
     .venv/bin/python bench/prepare.py [--n640 240] [--n1080 120] [--nphone 24] [--spark 6000] [--no-spark]
 """
