@@ -186,8 +186,9 @@ def _resample(planes: list[np.ndarray], width: int, height: int) -> list[np.ndar
     for i in range(n):
         plane = cols[i * w:(i + 1) * w]
         if w != width:
-            plane = _scratch("resample_out", (width, height), np.float32)
-            _resample_rows(cols[i * w:(i + 1) * w], *_lanczos_taps(w, width), plane)
+            resampled = _scratch("resample_out", (width, height), np.float32)
+            _resample_rows(plane, *_lanczos_taps(w, width), resampled)
+            plane = resampled
         out.append(cv2.transpose(cv2.add(plane, 0.0, dtype=cv2.CV_8U)))  # rounded, saturated
     return out
 
