@@ -30,7 +30,7 @@ from scipy.sparse import coo_matrix  # noqa: E402
 from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 from sparkml.config import Sample  # noqa: E402
-from sparkml.images import phash, thumb32  # noqa: E402
+from sparkml.phash import phash, thumb32  # noqa: E402
 from sparkml.sample import generate  # noqa: E402
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)

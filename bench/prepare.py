@@ -35,7 +35,7 @@ import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sparkml.config import Prepare  # noqa: E402
-from sparkml.images import prepare_batch  # noqa: E402
+from sparkml.prepare import prepare_batch  # noqa: E402
 
 QUALITY = 90
 SIZE = 300
@@ -151,7 +151,7 @@ import sys, time
 sys.path.insert(0, {root!r})
 from pyspark.sql.pandas.types import from_arrow_schema
 from sparkml.config import load_config
-from sparkml.images import IMAGES_ARROW, prepare_batch
+from sparkml.prepare import RESULT_ARROW, prepare_batch
 from sparkml.session import get_session
 spark = get_session(load_config({conf!r}, ["spark.master={master}", "lake={lake}"]))
 spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
@@ -159,7 +159,7 @@ posts = spark.read.parquet({posts!r}).select("post_id", "image_bytes")
 secs = []
 for _ in range(3):
     t0 = time.perf_counter()
-    posts.mapInArrow(lambda bs: (prepare_batch(b) for b in bs), from_arrow_schema(IMAGES_ARROW)) \
+    posts.mapInArrow(lambda bs: (prepare_batch(b) for b in bs), from_arrow_schema(RESULT_ARROW)) \
         .write.format("noop").mode("overwrite").save()
     secs.append(time.perf_counter() - t0)
 print("SECONDS", secs[0], min(secs[1:]))

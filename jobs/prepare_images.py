@@ -12,7 +12,7 @@ width/height (as displayed) are kept. Rejects go to <lake>/tables/rejected/stage
 import sys
 
 from sparkml import cli
-from sparkml.images import prepare_images
+from sparkml.prepare import prepare_images
 
 
 def main(argv=None) -> int:

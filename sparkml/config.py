@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from sparkml.schemas import LAYOUTS
+
 
 class ConfigError(ValueError):
     """A bad profile, option or override; jobs print it on one line and exit 2."""
@@ -27,7 +29,7 @@ class Section(BaseModel):
 
 class Source(Section):
     path: str = Field(description="URI of the input: an InstaCities1M folder or a manifest file")
-    layout: Literal["instacities", "manifest"] = Field(
+    layout: Literal[LAYOUTS] = Field(
         description="instacities: <root>/img_resized_1M/cities_instagram/<city>/<id>.jpg (or the "
         "split layout <root>/img/<split>/<city>/<id>.jpg) with captions beside; manifest: CSV, "
         "JSON Lines or Parquet with post_id, image and optional fields"
@@ -47,6 +49,9 @@ class Sample(Section):
     posts: int = Field(2000, ge=60, description="number of regular posts (planted mess comes on top; at least 60)")
     seed: int = Field(7, description="seed: the same seed gives byte-identical files")
     size: int = Field(640, ge=64, description="side of the regular square images (Instagram's 640)")
+    me_posts: int = Field(600, ge=0, description="'#me' posts (manifest only, no city): real LFW faces composited "
+                                                "into scenes (close-ups and green outdoor ones get more likes) and "
+                                                "face-free quote images (fewer likes), for the likability study")
     workers: int = Field(2, ge=1, description="processes rendering images")
 
 

@@ -25,10 +25,9 @@ from pyspark.sql import types as T
 from sparkml import storage
 from sparkml.config import Config, ConfigError
 from sparkml.dedup import unique_images
-from sparkml.lake import Lake, Summary, begin_output, read_table, union_all, write_rejected
-from sparkml.schemas import Reason
-
-SPLITS = ("train", "val", "test")
+from sparkml.lake import Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
+from sparkml.schemas import SPLITS, Reason
+from sparkml.splits import assign_split
 
 
 def cities_schema(size: int, num_topics: int | None = None) -> Unischema:
@@ -46,19 +45,15 @@ def cities_schema(size: int, num_topics: int | None = None) -> Unischema:
     return Unischema("CitiesSchema", fields)
 
 
-def _ndarray_bytes(col: str):
-    """array<float> -> NdarrayCodec's stored form (np.save bytes), null stays null."""
-    import io
-
+def _ndarray_bytes(col: str, field: UnischemaField):
+    """array<float> -> the field's NdarrayCodec encoding (what make_reader decodes), null stays null."""
     import pandas as pd
     from pyspark.sql.functions import pandas_udf
 
+    codec = field.codec
+
     def one(v):
-        if v is None:
-            return None
-        buf = io.BytesIO()
-        np.save(buf, np.asarray(v, np.float32))
-        return buf.getvalue()
+        return None if v is None else bytes(codec.encode(field, np.asarray(v, field.numpy_dtype)))
 
     def encode(values):
         return values.map(one)
@@ -75,15 +70,6 @@ def likability_schema(size: int) -> Unischema:
         UnischemaField("label", np.int32, (), ScalarCodec(T.IntegerType()), False),
         UnischemaField("ratio", np.float64, (), ScalarCodec(T.DoubleType()), False),
     ])
-
-
-def assign_split(df: DataFrame, train: float, val: float, respect_source: bool) -> DataFrame:
-    """Deterministic split by a hash of post_id (the source's split wins where it gave one)."""
-    u = F.pmod(F.xxhash64(F.col("post_id")), F.lit(1_000_000)) / 1_000_000.0
-    hashed = F.when(u < train, "train").when(u < train + val, "val").otherwise("test")
-    if respect_source and "split" in df.columns:
-        hashed = F.coalesce(F.when(F.col("split").isin(*SPLITS), F.col("split")), hashed)
-    return df.withColumn("split", hashed)
 
 
 def materialize(spark: SparkSession, df: DataFrame, url: str, schema: Unischema, row_group_mb: int,
@@ -103,9 +89,15 @@ def _reject(df: DataFrame, reason: Reason, detail: str) -> DataFrame:
     return df.select("post_id", F.lit(reason.value).alias("reason"), F.lit(detail).alias("detail"))
 
 
+def image_side(spark: SparkSession, lake: Lake) -> int:
+    """The side of the prepared images as the images table was written (its summary), not as
+    prepare.size says now: a dataset must not claim a shape its JPEGs do not have."""
+    return int(read_summary(spark, lake.table("images"))["size"])
+
+
 def _cities(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
-    """(rows with city + label, rejects, label names)."""
-    posts = read_table(spark, lake.table("posts"), "ingest").select("post_id", "city", "split")
+    """(rows with city + label, rejects, label names, Unischema)."""
+    posts = read_table(spark, lake, "posts").select("post_id", "city", "split")
     joined = images.join(posts, "post_id")
     has_city = F.col("city").isNotNull() & (F.trim("city") != "")
     labelled = joined.where(has_city)
@@ -114,18 +106,20 @@ def _cities(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
     labelled = labelled.join(F.broadcast(index), "city")
     num_topics = None
     if storage.exists(spark, f"{lake.table('topics')}/_SUMMARY.json"):  # caption topics: the regression target
-        topics = read_table(spark, lake.table("topics"), "infer_topics")
+        topics = read_table(spark, lake, "topics")
         first = topics.select(F.size("topics").alias("k")).first()
         num_topics = int(first["k"]) if first else None
-        labelled = labelled.join(topics, "post_id", "left").withColumn("topics", _ndarray_bytes("topics"))
-    return (labelled, _reject(joined.where(~has_city), Reason.NO_LABEL, "post has no city"),
-            cities, cities_schema(cfg.prepare.size, num_topics))
+    schema = cities_schema(image_side(spark, lake), num_topics)
+    if num_topics:
+        labelled = labelled.join(topics, "post_id", "left").withColumn(
+            "topics", _ndarray_bytes("topics", schema.fields["topics"]))
+    return (labelled, _reject(joined.where(~has_city), Reason.NO_LABEL, "post has no city"), cities, schema)
 
 
 def _likability(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
     """Images with a likability label whose best face passes faces.min_confidence."""
-    labels = read_table(spark, lake.table("likability_labels"), "filter_followers").select("post_id", "label", "ratio")
-    faces = read_table(spark, lake.table("faces"), "detect_faces").select("post_id", "best_confidence")
+    labels = read_table(spark, lake, "likability_labels").select("post_id", "label", "ratio")
+    faces = read_table(spark, lake, "faces").select("post_id", "best_confidence")
     joined = images.join(labels, "post_id", "left").join(faces, "post_id", "left")
     passes = F.coalesce(F.col("best_confidence"), F.lit(0.0)) >= cfg.faces.min_confidence
     rejects = union_all([
@@ -135,7 +129,7 @@ def _likability(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config)
                 f"no face with confidence >= faces.min_confidence {cfg.faces.min_confidence}"),
     ])
     return (joined.where(F.col("label").isNotNull() & passes), rejects, ["bad", "good"],
-            likability_schema(cfg.prepare.size))
+            likability_schema(image_side(spark, lake)))
 
 
 def build_dataset(spark: SparkSession, cfg: Config) -> Summary:

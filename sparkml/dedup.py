@@ -21,8 +21,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from sparkml.config import Config
-from sparkml.lake import Lake, Summary, begin_output, read_table, union_all
-from sparkml.schemas import DUPLICATES
+from sparkml.lake import Lake, Summary, begin_output, conform, read_table, union_all, write_table
 
 
 def band_bounds(bands: int) -> list[tuple[int, int]]:
@@ -102,7 +101,7 @@ def find_duplicates(spark: SparkSession, images: DataFrame, max_hamming: int, ba
                     F.when(F.col("sha256") == F.col("csha"), "exact").otherwise("near").alias("kind"),
                     F.expr("bit_count(phash ^ cph)").cast("int").alias("hamming")))
     ranked.unpersist()
-    return dups.select(*[F.col(f.name).cast(f.dataType) for f in DUPLICATES.fields]), n_candidates
+    return conform(dups, "duplicates"), n_candidates
 
 
 def dedup(spark: SparkSession, cfg: Config) -> Summary:
@@ -110,9 +109,9 @@ def dedup(spark: SparkSession, cfg: Config) -> Summary:
     lake = Lake(cfg.lake)
     out = lake.table("duplicates")
     begin_output(spark, out)
-    images = read_table(spark, lake.table("images"), "prepare_images")
+    images = read_table(spark, lake, "images")
     dups, n_candidates = find_duplicates(spark, images, cfg.dedup.max_hamming, cfg.dedup.bands)
-    dups.repartition(1).write.mode("overwrite").parquet(out)
+    write_table(dups.repartition(1).sortWithinPartitions("post_id"), lake, "duplicates")
     kinds = {r["kind"]: int(r["count"]) for r in spark.read.parquet(out).groupBy("kind").count().collect()}
     n = images.count()
     return Summary(stage="dedup", input_rows=n, output_rows=n - sum(kinds.values()),
@@ -123,6 +122,6 @@ def dedup(spark: SparkSession, cfg: Config) -> Summary:
 
 def unique_images(spark: SparkSession, lake: Lake) -> DataFrame:
     """The images table without the duplicates dedup found."""
-    images = read_table(spark, lake.table("images"), "prepare_images")
-    dups = read_table(spark, lake.table("duplicates"), "dedup").select("post_id")
+    images = read_table(spark, lake, "images")
+    dups = read_table(spark, lake, "duplicates").select("post_id")
     return images.join(F.broadcast(dups), "post_id", "left_anti")

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from sparkml.schemas import Reason
+from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
 
 Box = tuple[float, float, float, float, float]
 
@@ -126,18 +126,14 @@ def detector_for(cfg) -> Detector:
 
 # ---------------------------------------------------------------- the Arrow adapter and the stage
 
-FACES_ARROW = pa.schema([
-    ("post_id", pa.string()), ("faces", pa.int32()), ("boxes", pa.list_(pa.list_(pa.float32()))),
-    ("best_confidence", pa.float32()), ("detector", pa.string()), ("params", pa.string()),
-    ("reason", pa.string()), ("detail", pa.string()),
-])
+RESULT_ARROW = to_arrow(with_reject(TABLES["faces"].schema))
 
 
 def detect_batch(batch: pa.RecordBatch, settings: tuple) -> pa.RecordBatch:
     """post_id + prepared JPEG -> one row per image with its faces (or a reason if undecodable)."""
     det = make_detector(*settings)
     params = json.dumps(det.params, sort_keys=True)
-    rows = {k: [] for k in FACES_ARROW.names}
+    rows = {k: [] for k in RESULT_ARROW.names}
     for pid, data in zip(batch.column("post_id").to_pylist(), batch.column("image").to_pylist()):
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
         boxes = det.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) if bgr is not None else []
@@ -149,35 +145,26 @@ def detect_batch(batch: pa.RecordBatch, settings: tuple) -> pa.RecordBatch:
         rows["params"].append(params)
         rows["reason"].append(None if bgr is not None else Reason.CORRUPT_IMAGE.value)
         rows["detail"].append(None if bgr is not None else "the prepared JPEG did not decode")
-    return pa.RecordBatch.from_pydict(rows, schema=FACES_ARROW)
+    return pa.RecordBatch.from_pydict(rows, schema=RESULT_ARROW)
 
 
 def detect_faces(spark, cfg) -> "Summary":
     """images (unique or not) -> <lake>/tables/faces: one row per image, faces=0 when none."""
-    from pyspark import StorageLevel
     from pyspark.sql import functions as F
-    from pyspark.sql.pandas.types import from_arrow_schema
 
-    from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
-    from sparkml.schemas import FACES
+    from sparkml.lake import Lake, Summary, begin_output, per_record, read_table
 
     lake = Lake(cfg.lake)
     out = lake.table("faces")
     begin_output(spark, out)
-    images = read_table(spark, lake.table("images"), "prepare_images").select("post_id", "image")
+    images = read_table(spark, lake, "images").select("post_id", "image")
     f = cfg.faces
     settings = (f.detector, f.model, f.max_side, f.scale_factor, f.min_neighbors)
     det = detector_for(cfg)  # fail here, on the driver, on a bad model path: not in every task
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
-    result = images.mapInArrow(lambda bs: (detect_batch(b, settings) for b in bs),
-                               from_arrow_schema(FACES_ARROW)).persist(StorageLevel.DISK_ONLY)
-    rejected = write_rejected(spark, lake, "detect_faces",
-                              result.where(F.col("reason").isNotNull()).select("post_id", "reason", "detail"))
-    good = result.where(F.col("reason").isNull())
-    good.select(*FACES.fieldNames()).write.mode("overwrite").parquet(out)
-    agg = good.agg(F.count("*").alias("n"), F.sum((F.col("faces") > 0).cast("int")).alias("any"),
-                   F.sum((F.col("best_confidence") >= f.min_confidence).cast("int")).alias("passed")).first()
-    result.unpersist()
+    with per_record(spark, lake, "detect_faces", images, lambda b: detect_batch(b, settings), "faces",
+                    64) as (good, rejected):
+        agg = good.agg(F.count("*").alias("n"), F.sum((F.col("faces") > 0).cast("int")).alias("any"),
+                       F.sum((F.col("best_confidence") >= f.min_confidence).cast("int")).alias("passed")).first()
     return Summary(stage="detect_faces", input_rows=images.count(), output_rows=int(agg["n"]), rejected=rejected,
                    output=out, extra={"detector": det.name, "params": det.params, "with_any_face": int(agg["any"] or 0),
                                       "min_confidence": f.min_confidence,

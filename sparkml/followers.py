@@ -18,8 +18,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkml.config import Config, Followers
-from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
-from sparkml.schemas import LIKABILITY, Reason
+from sparkml.lake import Lake, Summary, begin_output, conform, read_table, write_rejected, write_table
+from sparkml.schemas import Reason
 
 
 def _quantiles(df: DataFrame, col: str, probs: list[float], f: Followers) -> list[float]:
@@ -93,8 +93,8 @@ def label_posts(spark: SparkSession, posts: DataFrame, f: Followers) -> tuple[Da
     medians = {int(r["bucket"]): float(r["m"]) for r in kept.groupBy("bucket").agg(F.expr(med_expr).alias("m")).collect()}
     table = spark.createDataFrame(sorted(medians.items()), "bucket int, median_ratio double")
     labels = (kept.join(F.broadcast(table), "bucket")
-              .withColumn("label", (F.col("ratio") > F.col("median_ratio")).cast("int"))
-              .select(*[F.col(c.name).cast(c.dataType) for c in LIKABILITY.fields]))
+              .withColumn("label", (F.col("ratio") > F.col("median_ratio")).cast("int")))
+    labels = conform(labels, "likability_labels")
     stats = {"users": users.count(), "users_kept": users.where("kept").count(), "median": med, "spread": spread,
              "spread_kind": kind, "k": f.k, "log_scale": f.log_scale, "label_by": f.label_by,
              "bucket_edges": edges, "median_ratio": {str(b): m for b, m in sorted(medians.items())},
@@ -108,10 +108,10 @@ def filter_followers(spark: SparkSession, cfg: Config) -> Summary:
     lake = Lake(cfg.lake)
     out = lake.table("likability_labels")
     begin_output(spark, out)
-    posts = read_table(spark, lake.table("posts"), "ingest").select(
+    posts = read_table(spark, lake, "posts").select(
         "post_id", "user_id", "likes", "followers", "posted_at")
     labels, rejects, stats = label_posts(spark, posts, cfg.followers)
-    labels.write.mode("overwrite").parquet(out)
+    write_table(labels, lake, "likability_labels")
     rejected = write_rejected(spark, lake, "filter_followers", rejects)
     written = spark.read.parquet(out)
     by_label = {str(r["label"]): int(r["count"]) for r in written.groupBy("label").count().collect()}

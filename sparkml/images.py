@@ -32,10 +32,10 @@ from struct import error as struct_error  # Pillow raises it on some corrupt hea
 import cv2
 import numba
 import numpy as np
-import pyarrow as pa
 import simplejpeg
 from PIL import Image, ImageFile
 
+from sparkml.phash import thumb32
 from sparkml.schemas import Reason
 
 # We enforce prepare.max_pixels ourselves from the header, before any decoding.
@@ -136,7 +136,18 @@ def _lanczos_taps(n_in: int, n_out: int, a: int = 3) -> tuple[np.ndarray, np.nda
     return lo, (w / w.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-@numba.njit(nogil=True)
+def _compiled(fn):
+    """numba-compile fn with its machine code cached on disk, so a new Python worker loads it
+    (~0.05 s) instead of compiling it again (~0.5 s; bench/prepare.py measures both). Code
+    shipped in a zip (--py-files) has no cache location numba accepts unless NUMBA_CACHE_DIR
+    names one: it is then compiled per worker as before."""
+    try:
+        return numba.njit(nogil=True, cache=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(fn)
+
+
+@_compiled
 def _resample_rows(src, lo, w, out):  # pragma: no cover - compiled by numba
     """out[j] = sum_t w[j, t] * src[lo[j] + t] for whole rows: the inner loop runs along a
     contiguous row, which LLVM vectorises (uint8 or float32 in, float32 out)."""
@@ -334,116 +345,3 @@ def prepare_image(data: bytes, size: int = 300, policy: str = "squash", quality:
     y, cb, cr = (np.ascontiguousarray(_orient(p, orientation)) for p in resize_planes(arr, size, policy))
     return Prepared(image=simplejpeg.encode_jpeg_yuv_planes(y, cb, cr, quality), width=w, height=h, format=fmt,
                     mode=mode, orientation=orientation, sha256=hashlib.sha256(data).hexdigest(), gray32=thumb32(y))
-
-
-def thumb32(luma: np.ndarray) -> np.ndarray:
-    """The 32x32 float32 luminance thumbnail the perceptual hash is taken from: exact 2x box
-    steps while the side is >= 64 (6x cheaper than one 300 -> 32 area resize), then area."""
-    while min(luma.shape) >= 64:
-        luma = _halve(luma)
-    return cv2.resize(luma, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=1)
-def _dct_matrix(n: int = 32) -> np.ndarray:
-    k = np.arange(n)[:, None]
-    m = np.cos(np.pi * (2 * np.arange(n)[None, :] + 1) * k / (2 * n)) * np.sqrt(2 / n)
-    m[0] /= np.sqrt(2)
-    return m.astype(np.float32)
-
-
-def phash(gray32: np.ndarray) -> np.ndarray:
-    """64-bit DCT perceptual hashes of a stack of 32x32 images (N, 32, 32) -> int64[N].
-
-    The classic pHash: 2-D DCT, keep the 8x8 lowest frequencies, one bit per coefficient
-    above their median. Done for the whole batch in two matrix products."""
-    g = np.asarray(gray32, np.float32).reshape(-1, 32, 32)
-    d = _dct_matrix()
-    low = (d @ g @ d.T)[:, :8, :8].reshape(len(g), 64)
-    bits = low > np.median(low, axis=1, keepdims=True)
-    return np.packbits(bits, axis=1).view(">u8").astype(np.uint64).view(np.int64).ravel()
-
-
-def hamming(a: int, b: int) -> int:
-    return bin((a ^ b) & 0xFFFFFFFFFFFFFFFF).count("1")
-
-
-# ---------------------------------------------------------------- the Arrow adapter
-
-
-IMAGES_ARROW = pa.schema([
-    ("post_id", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
-    ("format", pa.string()), ("mode", pa.string()), ("orientation", pa.int32()),
-    ("sha256", pa.string()), ("phash", pa.int64()), ("reason", pa.string()), ("detail", pa.string()),
-])
-
-
-@functools.lru_cache(maxsize=1)
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one Spark task per core: no nested thread pools
-
-
-def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
-    """post_id + image_bytes -> one row per post: the prepared image, or reason/detail if rejected."""
-    _init_worker()
-    results = [prepare_image(b, **options) for b in batch.column("image_bytes").to_pylist()]
-    ok = [r for r in results if isinstance(r, Prepared)]
-    hashes = iter(phash(np.stack([r.gray32 for r in ok])).tolist() if ok else [])
-
-    def col(attr, kind):
-        return pa.array([getattr(r, attr) if isinstance(r, Prepared) else None for r in results], kind)
-
-    return pa.RecordBatch.from_arrays([
-        batch.column("post_id"), col("image", pa.binary()), col("width", pa.int32()), col("height", pa.int32()),
-        col("format", pa.string()), col("mode", pa.string()), col("orientation", pa.int32()),
-        col("sha256", pa.string()),
-        pa.array([next(hashes) if isinstance(r, Prepared) else None for r in results], pa.int64()),
-        pa.array([r.reason.value if isinstance(r, Rejected) else None for r in results], pa.string()),
-        pa.array([r.detail if isinstance(r, Rejected) else None for r in results], pa.string()),
-    ], schema=IMAGES_ARROW)
-
-
-# ---------------------------------------------------------------- the stage
-
-
-def prepare_images(spark, cfg) -> "Summary":
-    """posts -> <lake>/tables/images (+ rejects): one prepared image per decodable post."""
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    from sparkml.lake import Lake, Summary, begin_output, read_table, write_rejected
-    from sparkml.schemas import IMAGES
-
-    lake = Lake(cfg.lake)
-    out = lake.table("images")
-    begin_output(spark, out)
-    posts = read_table(spark, lake.table("posts"), "ingest")
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.prepare.batch_rows))
-    opts = dict(size=cfg.prepare.size, policy=cfg.prepare.policy, quality=cfg.prepare.quality,
-                max_pixels=cfg.prepare.max_pixels, min_side=cfg.prepare.min_side,
-                oversample=cfg.prepare.oversample)
-    schema = T.StructType([T.StructField(f.name, f.dataType, True) for f in IMAGES.fields]
-                          + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
-    # Decoding is the cost: do it once, keep the result on local disk for the two writes.
-    result = (posts.select("post_id", "image_bytes")
-              .mapInArrow(lambda batches: (prepare_batch(b, **opts) for b in batches), schema)
-              .persist(StorageLevel.DISK_ONLY))
-    rejected = write_rejected(spark, lake, "prepare_images",
-                              result.where(F.col("reason").isNotNull()).select("post_id", "reason", "detail"))
-    good = result.where(F.col("reason").isNull())
-    good.select(*IMAGES.fieldNames()).write.mode("overwrite").parquet(out)
-    # One aggregate over the persisted result (not two more passes over the written table).
-    counts = good.groupBy("format", "mode", (F.col("orientation") != 1).alias("reoriented")).count().collect()
-    n_posts = posts.count()  # from the input, so a lost row shows as an imbalance
-    result.unpersist()
-    formats: dict[str, int] = {}
-    modes: dict[str, int] = {}
-    for r in counts:
-        formats[r["format"]] = formats.get(r["format"], 0) + r["count"]
-        modes[r["mode"]] = modes.get(r["mode"], 0) + r["count"]
-    return Summary(stage="prepare_images", input_rows=n_posts, output_rows=sum(formats.values()),
-                   rejected=rejected, output=out,
-                   extra={"formats": formats, "modes": modes, "size": cfg.prepare.size, "policy": cfg.prepare.policy,
-                          "oversample": cfg.prepare.oversample,
-                          "reoriented": sum(r["count"] for r in counts if r["reoriented"])})

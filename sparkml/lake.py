@@ -13,13 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import pyarrow as pa
+from pyspark import StorageLevel
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from sparkml import storage
-from sparkml.schemas import REJECTED
+from sparkml.schemas import TABLES, with_reject
 
 log = logging.getLogger("instalearn")
 
@@ -51,11 +56,32 @@ class IncompleteInput(RuntimeError):
     """An upstream output is missing or was left half-written: run its stage first."""
 
 
-def read_table(spark: SparkSession, uri: str, produced_by: str) -> DataFrame:
-    """A table another stage wrote; refuses one without its _SUMMARY.json (missing or failed run)."""
+def read_complete(spark: SparkSession, uri: str, remedy: str) -> DataFrame:
+    """Parquet at uri that its writer finished (its _SUMMARY.json exists); else IncompleteInput."""
     if not storage.exists(spark, f"{uri}/{SUMMARY_FILE}"):
-        raise IncompleteInput(f"{uri} is missing or incomplete: run jobs/{produced_by}.py first")
+        raise IncompleteInput(f"{uri} is missing or incomplete: {remedy}")
     return spark.read.parquet(uri)
+
+
+def read_table(spark: SparkSession, lake: Lake, name: str) -> DataFrame:
+    """A registered table another stage wrote; a missing or half-written one names the job to run."""
+    return read_complete(spark, lake.table(name), f"run jobs/{TABLES[name].written_by}.py first")
+
+
+def conform(df: DataFrame, name: str) -> DataFrame:
+    """df's columns in the registered order and types of table `name` (extra columns dropped).
+    Nullability is the writer's to keep: Spark cannot cast array<int> to array<int not null>."""
+    have = {f.name: f.dataType.simpleString() for f in df.schema.fields}
+    return df.select(*[F.col(f.name) if have.get(f.name) == f.dataType.simpleString()
+                       else F.col(f.name).cast(f.dataType) for f in TABLES[name].schema.fields])
+
+
+def write_table(df: DataFrame, lake: Lake, name: str, partition_by: str | None = None) -> str:
+    """Replace <lake>/tables/<name> with df in the registered schema; returns its URI."""
+    uri = lake.table(name)
+    writer = conform(df, name).write.mode("overwrite")
+    (writer.partitionBy(partition_by) if partition_by else writer).parquet(uri)
+    return uri
 
 
 @dataclass
@@ -105,10 +131,35 @@ def read_summary(spark: SparkSession, output: str) -> dict:
 
 def write_rejected(spark: SparkSession, lake: Lake, stage: str, rejects: DataFrame) -> dict[str, int]:
     """Replace this stage's rejected records; returns reason -> count."""
-    rejects.select(*[F.col(f.name).cast(f.dataType) for f in REJECTED.fields]) \
-        .repartition(1).write.mode("overwrite").parquet(lake.rejected(stage))
+    conform(rejects, "rejected").repartition(1).sortWithinPartitions("reason", "post_id") \
+        .write.mode("overwrite").parquet(lake.rejected(stage))
     counts = spark.read.parquet(lake.rejected(stage)).groupBy("reason").count().collect()
     return {r["reason"]: int(r["count"]) for r in counts}
+
+
+@contextmanager
+def per_record(spark: SparkSession, lake: Lake, stage: str, inputs: DataFrame,
+               batch_fn: Callable[[pa.RecordBatch], pa.RecordBatch], table: str,
+               batch_rows: int) -> Iterator[tuple[DataFrame, dict[str, int]]]:
+    """The skeleton of a stage that maps every record by plain per-record code: batch_fn turns
+    an Arrow batch of `inputs` into one row per record in `with_reject(table schema)`; the result
+    is computed once (kept on local disk), its rejects go to the rejected table, the rest to
+    <lake>/tables/<table>. Yields (kept rows, rejected reason -> count) for the stage's own
+    counts, then frees the persisted result.
+
+        with per_record(spark, lake, "detect_faces", images, fn, "faces", 64) as (good, rejected):
+            n = good.count()
+    """
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
+    result = inputs.mapInArrow(lambda batches: (batch_fn(b) for b in batches),
+                               with_reject(TABLES[table].schema)).persist(StorageLevel.DISK_ONLY)
+    try:
+        rejected = write_rejected(spark, lake, stage, result.where(F.col("reason").isNotNull()))
+        good = result.where(F.col("reason").isNull())
+        write_table(good, lake, table)
+        yield good, rejected
+    finally:
+        result.unpersist()
 
 
 def union_all(frames: list[DataFrame]) -> DataFrame:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from sparkml.schemas import TABLES
 from sparkml.text import preprocess
 
 
@@ -57,8 +58,13 @@ def top_k_block(post_ids: list[str], vectors: np.ndarray, queries: np.ndarray, k
     s = scores(queries, vectors, metric)
     out = []
     for qi, row in enumerate(s):
-        take = np.argpartition(-row, min(k, len(row)) - 1)[:k] if len(row) > k else np.arange(len(row))
-        out += [(qi, post_ids[j], float(row[j])) for j in take]
+        if len(row) > k:  # everything tied with the k-th best is a candidate; post_id decides among ties
+            kth = np.partition(row, len(row) - k)[len(row) - k]
+            cand = np.flatnonzero(row >= kth)
+        else:
+            cand = np.arange(len(row))
+        best = sorted(cand.tolist(), key=lambda j: (-row[j], post_ids[j]))[:k]
+        out += [(qi, post_ids[j], float(row[j])) for j in best]
     return out
 
 
@@ -136,11 +142,14 @@ def _embeddings(spark, cfg, lake):
     from pyspark.sql import functions as F
 
     from sparkml.dedup import unique_images
-    from sparkml.lake import read_table
+    from sparkml.lake import read_complete, read_table
 
     r = cfg.retrieval
-    uri = r.embeddings if ("/" in r.embeddings or ":" in r.embeddings) else lake.table(r.embeddings)
-    emb = read_table(spark, uri, "infer_topics" if r.embeddings == "topics" else "the job that writes it")
+    if r.embeddings in TABLES:
+        emb = read_table(spark, lake, r.embeddings)
+    else:
+        uri = r.embeddings if ("/" in r.embeddings or ":" in r.embeddings) else lake.table(r.embeddings)
+        emb = read_complete(spark, uri, "run the job that writes it (retrieval.embeddings)")
     if r.column not in emb.columns:
         from sparkml.config import ConfigError
 
@@ -163,7 +172,7 @@ def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     from pyspark.sql import functions as F
 
     from sparkml import storage
-    from sparkml.lake import Lake, Summary, begin_output
+    from sparkml.lake import Lake, Summary, begin_output, write_table
     from sparkml.topics import load_lda
 
     lake = Lake(cfg.lake)
@@ -175,8 +184,7 @@ def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     emb = _embeddings(spark, cfg, lake)
     ranked = rank(emb, "vector", qv, k, cfg.retrieval.metric)
     rows = [(q, n + 1, pid, s) for q, hits in zip(queries, ranked) for n, (pid, s) in enumerate(hits)]
-    spark.createDataFrame(rows, "query string, rank int, post_id string, score double") \
-        .repartition(1).write.mode("overwrite").parquet(out)
+    write_table(spark.createDataFrame(rows, TABLES["retrieval"].schema).repartition(1), lake, "retrieval")
     ids = sorted({r[2] for r in rows})
     images = {r["post_id"]: bytes(r["image"]) for r in spark.read.parquet(lake.table("images"))
               .where(F.col("post_id").isin(ids)).select("post_id", "image").collect()} if ids else {}
@@ -202,15 +210,15 @@ def evaluate(spark, cfg):
     from pyspark.sql import functions as F
 
     from sparkml import storage
-    from sparkml.datasets import assign_split
     from sparkml.lake import Lake, Summary, begin_output, read_table
+    from sparkml.splits import assign_split
     from sparkml.topics import load_lda
 
     lake = Lake(cfg.lake)
     out = lake.report("retrieval_eval")
     begin_output(spark, out)
     d = cfg.dataset
-    posts = read_table(spark, lake.table("posts"), "ingest").select("post_id", "city", "split")
+    posts = read_table(spark, lake, "posts").select("post_id", "city", "split")
     test = assign_split(posts, d.train, d.val, d.respect_source_split).where(F.col("split") == "test") \
         .where(F.col("city").isNotNull())
     emb = _embeddings(spark, cfg, lake).join(test.select("post_id", "city"), "post_id")

@@ -5,7 +5,9 @@ Writes, under `out`:
     img_resized_1M/cities_instagram/<city>/<id>.jpg     images (640x640 mostly; some 300, phone sizes)
     captions_resized_1M/cities_instagram/<city>/<id>.txt captions (UTF-8 unless planted otherwise)
     manifest.jsonl    the same posts with user_id, likes, followers, posted_at (images by relative path)
-    ground_truth.json every planted case: post_id, kind, and what it is a copy of
+    me/<id>.jpg       '#me' posts (manifest only): real faces in scenes, quote images (sparkml.selfies)
+    ground_truth.json every planted case: post_id, kind, and what it is a copy of; per '#me' post
+                      its kind, face box and like-ratio factors
 
 Learnable, not noise: each city has its own palette, ground texture (stripe angle and
 frequency) and landmark shape; each post has one or two topics (night, beach, food, ...)
@@ -31,13 +33,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from sparkml.config import Sample
-from sparkml.schemas import CITIES
+from sparkml.schemas import CAP_DIR, CITIES, IMG_DIR
+from sparkml.selfies import AS_OF, MePost, write_me
 
-IMG_DIR = "img_resized_1M/cities_instagram"
-CAP_DIR = "captions_resized_1M/cities_instagram"
 GROUND_TRUTH = "ground_truth.json"
 MANIFEST = "manifest.jsonl"
-AS_OF = datetime(2018, 1, 1, tzinfo=timezone.utc)  # "now" for the sample's post ages
 
 SHAPES = ("circle", "rect", "triangle", "diamond", "bars")
 
@@ -307,6 +307,214 @@ def _plan(cfg: Sample) -> tuple[list[Post], np.random.Generator]:
     return posts, np.random.default_rng([cfg.seed, 2])
 
 
+class _Build:
+    """The sample being built: posts, their files, and what was planted where."""
+
+    def __init__(self, cfg: Sample):
+        self.cfg = cfg
+        self.posts, self.rng = _plan(cfg)
+        self.by_id = {p.post_id: p for p in self.posts}
+        self.images: dict[str, bytes] = {}
+        self.captions_raw: dict[str, bytes | None] = {p.post_id: p.caption.encode() for p in self.posts}
+        self.planted: list[dict] = []
+        self.orphans: list[Post] = []
+        self.next_id = 1_000_000 + cfg.posts
+        self._picks = iter(self.rng.permutation([p.post_id for p in self.posts]))  # fresh base posts per case
+
+    def take(self, n: int) -> list[str]:
+        return [next(self._picks) for _ in range(n)]
+
+    def plant(self, kind: str, pid: str | None, **extra) -> None:
+        self.planted.append({"post_id": pid, "kind": kind, **extra})
+
+    def decoded(self, pid: str) -> Image.Image:
+        return Image.open(io.BytesIO(self.images[pid])).convert("RGB")
+
+    def new_post(self, src: str, **changes) -> Post:
+        """A new post that copies post src (then changed as given)."""
+        p = Post(**{**self.by_id[src].__dict__, "post_id": str(self.next_id), "flags": [], **changes})
+        self.next_id += 1
+        self.posts.append(p)
+        self.by_id[p.post_id] = p
+        return p
+
+    def repost(self, src: str, data: bytes) -> Post:
+        """Post src's picture again under a new id, with its own caption."""
+        base = self.by_id[src]
+        p = self.new_post(src, caption=caption_for(base.city, base.topics, self.rng))
+        self.images[p.post_id] = data
+        self.captions_raw[p.post_id] = p.caption.encode()
+        return p
+
+
+def _render_all(b: _Build) -> None:
+    cfg = b.cfg
+    chunks = [b.posts[i::cfg.workers * 4] for i in range(cfg.workers * 4)]
+    with ProcessPoolExecutor(cfg.workers) as pool:
+        for part in pool.map(_render_chunk, [(cfg.seed, c) for c in chunks]):
+            b.images.update(part)
+
+
+def _plant_duplicates(b: _Build, exact_src: list[str], near_src: list[str]) -> None:
+    """Byte-identical re-posts, and re-posts re-encoded, resized or lightly cropped."""
+    for src in exact_src:
+        b.plant("exact_duplicate", b.repost(src, b.images[src]).post_id, of=src)
+    for k, src in enumerate(near_src):
+        img = b.decoded(src)
+        how = ("reencode", "resize", "crop")[k % 3]
+        if how == "reencode":
+            q = int(b.rng.integers(50, 80))
+            data, detail = _encode_jpeg(img, q), f"jpeg quality {q}"
+        elif how == "resize":
+            s = float(b.rng.uniform(0.5, 0.85))
+            data = _encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
+            detail = f"resized x{s:.2f}"
+        else:
+            f = float(b.rng.uniform(0.005, 0.015))  # lightly: the whole-image pHash cannot see through heavier crops
+            dx, dy = int(img.width * f), int(img.height * f)
+            data = _encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
+            detail = f"cropped {f:.1%} per side"
+        b.plant("near_duplicate", b.repost(src, data).post_id, of=src, transform=detail)
+
+
+def _plant_broken_files(b: _Build) -> None:
+    """Truncated, zero-byte, non-image and decompression-bomb files."""
+    for pid in b.take(3):
+        data = b.images[pid]
+        b.images[pid] = data[: int(len(data) * float(b.rng.uniform(0.4, 0.7)))]
+        b.plant("truncated", pid)
+    for pid in b.take(2):
+        b.images[pid] = b""
+        b.plant("zero_byte", pid)
+    for pid in b.take(1):
+        b.images[pid] = NOT_AN_IMAGE
+        b.plant("not_an_image", pid)
+    bomb = b.new_post(b.take(1)[0], ext="png")
+    b.images[bomb.post_id] = bomb_png()
+    b.captions_raw[bomb.post_id] = bomb.caption.encode()
+    b.plant("decompression_bomb", bomb.post_id, pixels=20000 * 20000)
+
+
+def _plant_formats(b: _Build) -> None:
+    """PNG (also named .jpg), GIF, WebP, CMYK and grayscale JPEGs, EXIF-rotated photos."""
+    for kind, fmt, ext in (("png", "PNG", "png"), ("png", "PNG", "png"), ("png_as_jpg", "PNG", "jpg"),
+                           ("gif", "GIF", "gif"), ("webp", "WEBP", "webp")):
+        pid = b.take(1)[0]
+        buf = io.BytesIO()
+        img = b.decoded(pid)
+        (img.convert("P", palette=Image.ADAPTIVE) if fmt == "GIF" else img).save(buf, fmt)
+        b.images[pid] = buf.getvalue()
+        b.by_id[pid].ext = ext
+        b.plant(kind, pid)
+    for mode, kind in (("CMYK", "cmyk"), ("L", "grayscale")):
+        for pid in b.take(2):
+            b.images[pid] = _encode_jpeg(b.decoded(pid).convert(mode))
+            b.plant(kind, pid)
+    for pid in b.take(2):
+        img = b.decoded(pid)
+        shown = img.resize((img.width, img.height * 3 // 4))  # landscape as displayed
+        stored = shown.rotate(90, expand=True)                # camera stored it sideways
+        exif = Image.Exif()
+        exif[0x0112] = 6                                      # "rotate 90 CW to display"
+        buf = io.BytesIO()
+        stored.save(buf, "JPEG", quality=90, exif=exif.tobytes())
+        b.images[pid] = buf.getvalue()
+        b.plant("exif_rotated", pid, displayed_size=list(shown.size))
+
+
+def _plant_captions(b: _Build) -> None:
+    """Captions that are not UTF-8, missing or blank."""
+    for pid in b.take(3):
+        b.captions_raw[pid] = b.by_id[pid].caption.encode("utf-8") + b" \xa1\xb0caf\xe9 \xa1\xad"  # GBK/latin-1 as in MVSA
+        b.plant("caption_not_utf8", pid)
+    for pid in b.take(max(2, b.cfg.posts // 50)):
+        b.captions_raw[pid] = None
+        b.plant("caption_missing", pid)
+    for pid in b.take(1):
+        b.captions_raw[pid] = b"  \n"
+        b.plant("caption_empty", pid)
+
+
+def _plant_engagement(b: _Build) -> None:
+    """Zero, negative and missing follower counts, posts too recent to judge (manifest only:
+    the InstaCities layout has no user data)."""
+    zero_user = b.by_id[b.take(1)[0]].user_id
+    for p in b.posts:
+        if p.user_id == zero_user:
+            p.followers, p.likes = 0, 0
+            b.plant("followers_zero", p.post_id, layouts=["manifest"])
+    for pid in b.take(1):
+        b.by_id[pid].followers = -5
+        b.plant("followers_negative", pid, layouts=["manifest"])
+    for pid in b.take(1):
+        b.by_id[pid].followers = None
+        b.plant("followers_missing", pid, layouts=["manifest"])
+    for pid in b.take(max(2, b.cfg.posts // 100)):
+        b.by_id[pid].posted_at = (AS_OF - timedelta(hours=float(b.rng.uniform(1, 20)))).isoformat().replace(
+            "+00:00", "Z")
+        b.plant("recent_post", pid, layouts=["manifest"])
+
+
+def _plant_ingest_rejects(b: _Build) -> tuple[Post, str]:
+    """Captions without an image, and one post id filed under two cities: returns that post and
+    the second city."""
+    for _ in range(2):
+        city = str(b.rng.choice(CITIES))
+        p = Post(post_id=str(b.next_id), city=city, topics=["food"], size=(b.cfg.size, b.cfg.size),
+                 user_id="u00000", followers=100, likes=3, posted_at="2017-06-01T12:00:00Z",
+                 caption=caption_for(city, ["food"], b.rng), style_city=city)
+        b.next_id += 1
+        b.orphans.append(p)
+        b.plant("image_missing", p.post_id)
+    dup_src = b.by_id[b.take(1)[0]]
+    later = [c for c in CITIES if c > dup_src.city] or [c for c in CITIES if c != dup_src.city]
+    b.plant("duplicate_post", dup_src.post_id, kept_city=dup_src.city, dropped_city=later[0])
+    return dup_src, later[0]
+
+
+def _write_instacities(b: _Build, out: Path, dup_src: Post, dup_city: str) -> None:
+    for p in b.posts:
+        p.image_rel = f"{IMG_DIR}/{p.city}/{p.post_id}.{p.ext}"
+        path = out / p.image_rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b.images[p.post_id])
+        raw = b.captions_raw.get(p.post_id)
+        if raw is not None:
+            cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
+            cap.parent.mkdir(parents=True, exist_ok=True)
+            cap.write_bytes(raw)
+    # The same post id filed under a second city, with another image: a duplicate post.
+    (out / IMG_DIR / dup_city).mkdir(parents=True, exist_ok=True)
+    (out / IMG_DIR / dup_city / f"{dup_src.post_id}.jpg").write_bytes(b.images[dup_src.post_id])
+    for p in b.orphans:
+        cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
+        cap.parent.mkdir(parents=True, exist_ok=True)
+        cap.write_bytes(p.caption.encode())
+
+
+def _manifest_rows(b: _Build, dup_src: Post, me: list[MePost]) -> list[dict]:
+    """Every post, the orphans with an image path that does not exist, the '#me' posts, one
+    repeated row (duplicate post) and one row without a post_id."""
+    rows = []
+    for p in b.posts + b.orphans:
+        raw = b.captions_raw[p.post_id] if p.image_rel else p.caption.encode()
+        rows.append({
+            "post_id": p.post_id,
+            "image": p.image_rel or f"{IMG_DIR}/{p.city}/{p.post_id}.jpg",
+            "caption": None if raw is None else raw.decode("utf-8", errors="replace"),
+            "city": p.city, "user_id": p.user_id, "likes": p.likes,
+            "followers": p.followers, "posted_at": p.posted_at,
+        })
+    rows += [{"post_id": m.post_id, "image": m.image_rel, "caption": m.caption, "user_id": m.user_id,
+              "likes": m.likes, "followers": m.followers, "posted_at": m.posted_at} for m in me]
+    rows.append(dict(next(r for r in rows if r["post_id"] == dup_src.post_id)))
+    rows.append({"post_id": "", "image": f"{IMG_DIR}/london/unknown.jpg", "caption": "no id",
+                 "city": "london", "user_id": "u00001", "likes": 1, "followers": 10,
+                 "posted_at": "2017-03-03T10:00:00Z"})
+    b.plant("bad_manifest_row", None, layouts=["manifest"])
+    return rows
+
+
 def generate(cfg: Sample) -> dict:
     """Write the sample under cfg.out (replacing an earlier sample there); returns the ground truth."""
     out = Path(cfg.out)
@@ -315,198 +523,30 @@ def generate(cfg: Sample) -> dict:
             raise FileExistsError(f"{out} exists and is not a generated sample; refusing to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    posts, rng = _plan(cfg)
-    by_id = {p.post_id: p for p in posts}
-
-    chunks = [posts[i::cfg.workers * 4] for i in range(cfg.workers * 4)]
-    images: dict[str, bytes] = {}
-    with ProcessPoolExecutor(cfg.workers) as pool:
-        for part in pool.map(_render_chunk, [(cfg.seed, c) for c in chunks]):
-            images.update(part)
-
-    planted: list[dict] = []
-    captions_raw: dict[str, bytes | None] = {p.post_id: p.caption.encode() for p in posts}
-    order = [p.post_id for p in posts]
-    picks = iter(rng.permutation(order))  # each planted case takes fresh base posts
-
-    def take(n: int) -> list[str]:
-        return [next(picks) for _ in range(n)]
-
-    def plant(kind: str, pid: str, **extra) -> None:
-        planted.append({"post_id": pid, "kind": kind, **extra})
-
-    def decoded(pid: str) -> Image.Image:
-        return Image.open(io.BytesIO(images[pid])).convert("RGB")
-
+    b = _Build(cfg)
+    _render_all(b)
     # Sources of copies are clean base posts (taken before any mess is applied to them).
-    n_exact, n_near = max(2, cfg.posts // 50), max(3, cfg.posts * 3 // 100)
-    exact_src, near_src = take(n_exact), take(n_near)
-    next_id = 1_000_000 + cfg.posts
-
-    def new_post(src: str, **changes) -> Post:
-        nonlocal next_id
-        base = by_id[src]
-        p = Post(**{**base.__dict__, "post_id": str(next_id), "flags": [], **changes})
-        next_id += 1
-        posts.append(p)
-        by_id[p.post_id] = p
-        return p
-
-    for src in exact_src:
-        p = new_post(src, caption=caption_for(by_id[src].city, by_id[src].topics, rng))
-        images[p.post_id] = images[src]
-        captions_raw[p.post_id] = p.caption.encode()
-        plant("exact_duplicate", p.post_id, of=src)
-    for k, src in enumerate(near_src):
-        img = decoded(src)
-        how = ("reencode", "resize", "crop")[k % 3]
-        if how == "reencode":
-            q = int(rng.integers(50, 80))
-            data, detail = _encode_jpeg(img, q), f"jpeg quality {q}"
-        elif how == "resize":
-            s = float(rng.uniform(0.5, 0.85))
-            data = _encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
-            detail = f"resized x{s:.2f}"
-        else:
-            f = float(rng.uniform(0.005, 0.015))  # lightly: pHash cannot see through heavier crops
-            dx, dy = int(img.width * f), int(img.height * f)
-            data = _encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
-            detail = f"cropped {f:.1%} per side"
-        p = new_post(src, caption=caption_for(by_id[src].city, by_id[src].topics, rng))
-        images[p.post_id] = data
-        captions_raw[p.post_id] = p.caption.encode()
-        plant("near_duplicate", p.post_id, of=src, transform=detail)
-
-    # Broken and unusual files, each replacing a base post's image.
-    for pid in take(3):
-        data = images[pid]
-        images[pid] = data[: int(len(data) * float(rng.uniform(0.4, 0.7)))]
-        plant("truncated", pid)
-    for pid in take(2):
-        images[pid] = b""
-        plant("zero_byte", pid)
-    for pid in take(1):
-        images[pid] = NOT_AN_IMAGE
-        plant("not_an_image", pid)
-    for kind, fmt, ext in (("png", "PNG", "png"), ("png", "PNG", "png"), ("png_as_jpg", "PNG", "jpg"),
-                           ("gif", "GIF", "gif"), ("webp", "WEBP", "webp")):
-        pid = take(1)[0]
-        buf = io.BytesIO()
-        img = decoded(pid)
-        (img.convert("P", palette=Image.ADAPTIVE) if fmt == "GIF" else img).save(buf, fmt)
-        images[pid] = buf.getvalue()
-        by_id[pid].ext = ext
-        plant(kind, pid)
-    for pid in take(2):
-        images[pid] = _encode_jpeg(decoded(pid).convert("CMYK"))
-        plant("cmyk", pid)
-    for pid in take(2):
-        images[pid] = _encode_jpeg(decoded(pid).convert("L"))
-        plant("grayscale", pid)
-    for pid in take(2):
-        img = decoded(pid)
-        shown = img.resize((img.width, img.height * 3 // 4))  # landscape as displayed
-        stored = shown.rotate(90, expand=True)                # camera stored it sideways
-        exif = Image.Exif()
-        exif[0x0112] = 6                                      # "rotate 90 CW to display"
-        buf = io.BytesIO()
-        stored.save(buf, "JPEG", quality=90, exif=exif.tobytes())
-        images[pid] = buf.getvalue()
-        plant("exif_rotated", pid, displayed_size=list(shown.size))
-    bomb = new_post(take(1)[0], ext="png")
-    images[bomb.post_id] = bomb_png()
-    captions_raw[bomb.post_id] = bomb.caption.encode()
-    plant("decompression_bomb", bomb.post_id, pixels=20000 * 20000)
-
-    # Captions.
-    for pid in take(3):
-        text = by_id[pid].caption
-        captions_raw[pid] = text.encode("utf-8") + b" \xa1\xb0caf\xe9 \xa1\xad"  # GBK/latin-1 bytes as in MVSA
-        plant("caption_not_utf8", pid)
-    for pid in take(max(2, cfg.posts // 50)):
-        captions_raw[pid] = None
-        plant("caption_missing", pid)
-    for pid in take(1):
-        captions_raw[pid] = b"  \n"
-        plant("caption_empty", pid)
-
-    # Engagement oddities (manifest only: the InstaCities layout has no user data).
-    zero_user = by_id[take(1)[0]].user_id
-    for p in posts:
-        if p.user_id == zero_user:
-            p.followers, p.likes = 0, 0
-            plant("followers_zero", p.post_id, layouts=["manifest"])
-    for pid in take(1):
-        by_id[pid].followers = -5
-        plant("followers_negative", pid, layouts=["manifest"])
-    for pid in take(1):
-        by_id[pid].followers = None
-        plant("followers_missing", pid, layouts=["manifest"])
-    for pid in take(max(2, cfg.posts // 100)):
-        by_id[pid].posted_at = (AS_OF - timedelta(hours=float(rng.uniform(1, 20)))).isoformat().replace("+00:00", "Z")
-        plant("recent_post", pid, layouts=["manifest"])
-
-    # Records that ingest must reject.
-    orphans = []
-    for _ in range(2):
-        city = str(rng.choice(CITIES))
-        p = Post(post_id=str(next_id), city=city, topics=["food"], size=(cfg.size, cfg.size), user_id="u00000",
-                 followers=100, likes=3, posted_at="2017-06-01T12:00:00Z",
-                 caption=caption_for(city, ["food"], rng), style_city=city)
-        next_id += 1
-        orphans.append(p)
-        plant("image_missing", p.post_id)
-    dup_src = by_id[take(1)[0]]
-    later_cities = [c for c in CITIES if c > dup_src.city] or [c for c in CITIES if c != dup_src.city]
-    dup_city = later_cities[0]
-    plant("duplicate_post", dup_src.post_id, kept_city=dup_src.city, dropped_city=dup_city)
-
-    # Write the InstaCities layout.
-    for p in posts:
-        p.image_rel = f"{IMG_DIR}/{p.city}/{p.post_id}.{p.ext}"
-        path = out / p.image_rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(images[p.post_id])
-        raw = captions_raw.get(p.post_id)
-        if raw is not None:
-            cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
-            cap.parent.mkdir(parents=True, exist_ok=True)
-            cap.write_bytes(raw)
-    # The same post id filed under a second city, with another image: a duplicate post.
-    (out / IMG_DIR / dup_city).mkdir(parents=True, exist_ok=True)
-    (out / IMG_DIR / dup_city / f"{dup_src.post_id}.jpg").write_bytes(images[dup_src.post_id])
-    for p in orphans:
-        cap = out / CAP_DIR / p.city / f"{p.post_id}.txt"
-        cap.parent.mkdir(parents=True, exist_ok=True)
-        cap.write_bytes(p.caption.encode())
-
-    # The manifest: every post, the orphans with an image path that does not exist,
-    # one repeated row (duplicate post) and one row without a post_id.
-    rows = []
-    for p in posts + orphans:
-        raw = captions_raw[p.post_id] if p.image_rel else p.caption.encode()
-        rows.append({
-            "post_id": p.post_id,
-            "image": p.image_rel or f"{IMG_DIR}/{p.city}/{p.post_id}.jpg",
-            "caption": None if raw is None else raw.decode("utf-8", errors="replace"),
-            "city": p.city, "user_id": p.user_id, "likes": p.likes,
-            "followers": p.followers, "posted_at": p.posted_at,
-        })
-    rows.append(dict(next(r for r in rows if r["post_id"] == dup_src.post_id)))
-    rows.append({"post_id": "", "image": f"{IMG_DIR}/london/unknown.jpg", "caption": "no id",
-                 "city": "london", "user_id": "u00001", "likes": 1, "followers": 10,
-                 "posted_at": "2017-03-03T10:00:00Z"})
-    planted.append({"post_id": None, "kind": "bad_manifest_row", "layouts": ["manifest"]})
+    exact_src, near_src = b.take(max(2, cfg.posts // 50)), b.take(max(3, cfg.posts * 3 // 100))
+    _plant_duplicates(b, exact_src, near_src)
+    _plant_broken_files(b)
+    _plant_formats(b)
+    _plant_captions(b)
+    _plant_engagement(b)
+    dup_src, dup_city = _plant_ingest_rejects(b)
+    _write_instacities(b, out, dup_src, dup_city)
+    me = write_me(cfg, out)
+    rows = _manifest_rows(b, dup_src, me)
     with open(out / MANIFEST, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps({k: v for k, v in r.items() if v is not None}, ensure_ascii=False) + "\n")
 
     truth = {
         "seed": cfg.seed, "posts": cfg.posts, "size": cfg.size, "as_of": AS_OF.isoformat().replace("+00:00", "Z"),
-        "cities": list(CITIES), "image_files": len(posts) + 1, "caption_files": sum(
-            1 for p in posts if captions_raw.get(p.post_id) is not None) + len(orphans),
-        "manifest_rows": len(rows), "planted": planted,
-        "labels": {p.post_id: {"city": p.city, "topics": p.topics, "style_city": p.style_city} for p in posts},
+        "cities": list(CITIES), "image_files": len(b.posts) + 1, "caption_files": sum(
+            1 for p in b.posts if b.captions_raw.get(p.post_id) is not None) + len(b.orphans),
+        "manifest_rows": len(rows), "planted": b.planted,
+        "labels": {p.post_id: {"city": p.city, "topics": p.topics, "style_city": p.style_city} for p in b.posts},
+        "me": {m.post_id: m.truth() for m in me},
     }
     (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=1, sort_keys=True))
     return truth

@@ -1,9 +1,18 @@
-"""The data contracts: table schemas and reject reasons. Writers and readers import these."""
+"""The data contracts, each defined once: the table registry (every table's Spark schema, the
+Arrow schema derived from it, the stage that writes it), reject reasons, split and layout
+names. Writers and readers import these.
+
+    TABLES["images"].schema   # Spark StructType
+    TABLES["images"].arrow    # the same as a pyarrow schema (derived, never typed twice)
+    TABLES["images"].written_by  # 'prepare_images': run jobs/prepare_images.py to make it
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 
+import pyarrow as pa
 from pyspark.sql import types as T
 
 
@@ -46,6 +55,13 @@ class CaptionStatus(str, Enum):
     EMPTY = "empty"          # present but blank
     NOT_UTF8 = "not_utf8"    # not valid UTF-8: decoded with U+FFFD replacements
 
+
+SPLITS = ("train", "val", "test")
+LAYOUTS = ("instacities", "manifest")  # source.layout values
+# InstaCities1M as distributed: <root>/<IMG_DIR>/<city>/<id>.jpg, captions in <root>/<CAP_DIR>/<city>/<id>.txt;
+# the split layout: <root>/<SPLIT_IMG>/<split>/<city>/<id>.jpg and <root>/<SPLIT_CAP>/<split>/<city>/<id>.txt.
+IMG_DIR, CAP_DIR = "img_resized_1M/cities_instagram", "captions_resized_1M/cities_instagram"
+SPLIT_IMG, SPLIT_CAP = "img", "captions"
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "gif", "webp", "bmp", "tif", "tiff")
 
@@ -116,3 +132,65 @@ DUPLICATES = T.StructType([
     T.StructField("kind", T.StringType(), False),        # exact (same bytes) | near (pHash within dedup.max_hamming)
     T.StructField("hamming", T.IntegerType(), False),
 ])
+
+BOW = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("ids", T.ArrayType(T.IntegerType(), False), False),     # vocabulary ids, ascending
+    T.StructField("counts", T.ArrayType(T.IntegerType(), False), False),  # occurrences of each id
+    T.StructField("split", T.StringType(), False),                         # the partition column
+])
+
+TOPICS = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("topics", T.ArrayType(T.FloatType(), False), False),  # the full distribution, sums to 1
+])
+
+RETRIEVAL = T.StructType([
+    T.StructField("query", T.StringType(), False),
+    T.StructField("rank", T.IntegerType(), False),      # 1 = best
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("score", T.DoubleType(), False),      # retrieval.metric, higher is better
+])
+
+
+def to_arrow(schema: T.StructType) -> pa.Schema:
+    """The Arrow schema of a Spark schema (what mapInArrow batches must carry)."""
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(schema)
+
+
+def with_reject(schema: T.StructType) -> T.StructType:
+    """A stage's per-record result: the table's columns (nullable) + reason/detail (null when kept)."""
+    return T.StructType([T.StructField(f.name, f.dataType, True) for f in schema.fields]
+                        + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
+
+
+@dataclass(frozen=True)
+class Table:
+    """One table of the lake: <lake>/tables/<name>, written by jobs/<written_by>.py."""
+
+    name: str
+    schema: T.StructType
+    written_by: str
+
+    @property
+    def arrow(self) -> pa.Schema:
+        return to_arrow(self.schema)
+
+    @property
+    def columns(self) -> list[str]:
+        return self.schema.fieldNames()
+
+
+TABLES: dict[str, Table] = {t.name: t for t in (
+    Table("posts", POSTS, "ingest"),
+    Table("images", IMAGES, "prepare_images"),
+    Table("duplicates", DUPLICATES, "dedup"),
+    Table("faces", FACES, "detect_faces"),
+    Table("likability_labels", LIKABILITY, "filter_followers"),
+    Table("bow", BOW, "train_lda"),
+    Table("topics", TOPICS, "infer_topics"),
+    Table("retrieval", RETRIEVAL, "retrieve"),
+    Table("rejected", REJECTED, "every stage (partition stage=<stage>)"),
+)}

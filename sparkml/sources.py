@@ -17,12 +17,11 @@ from pyspark.sql import types as T
 
 from sparkml import storage
 from sparkml.config import Config, ConfigError
-from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected
-from sparkml.schemas import IMAGE_EXTENSIONS, MANIFEST_COLUMNS, POSTS, CaptionStatus, Reason
+from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
+from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, MANIFEST_COLUMNS, POSTS, SPLIT_CAP, SPLIT_IMG,
+                             SPLITS, TABLES, CaptionStatus, Reason)
 
 STAGE = "ingest"
-FLAT_IMG, FLAT_CAP = "img_resized_1M/cities_instagram", "captions_resized_1M/cities_instagram"
-SPLITS = ("train", "val", "test")
 
 
 def decode_caption(raw: bytes | None) -> tuple[str | None, str]:
@@ -63,11 +62,12 @@ def _first_per_post(df: DataFrame, order_col: str) -> tuple[DataFrame, DataFrame
 
 def _instacities_roots(spark: SparkSession, root: str) -> tuple[str, str, bool]:
     root = storage.qualify(root).rstrip("/")
-    if storage.is_dir(spark, f"{root}/{FLAT_IMG}"):
-        return f"{root}/{FLAT_IMG}", f"{root}/{FLAT_CAP}", False
-    if storage.is_dir(spark, f"{root}/img"):
-        return f"{root}/img", f"{root}/captions", True
-    raise ConfigError(f"source.path {root}: neither {FLAT_IMG}/ nor img/<split>/ found (source.layout=instacities)")
+    if storage.is_dir(spark, f"{root}/{IMG_DIR}"):
+        return f"{root}/{IMG_DIR}", f"{root}/{CAP_DIR}", False
+    if storage.is_dir(spark, f"{root}/{SPLIT_IMG}"):
+        return f"{root}/{SPLIT_IMG}", f"{root}/{SPLIT_CAP}", True
+    raise ConfigError(f"source.path {root}: neither {IMG_DIR}/ nor {SPLIT_IMG}/<split>/ found "
+                      "(source.layout=instacities)")
 
 
 def _listing(spark: SparkSession, root: str, with_split: bool, cfg: Config) -> DataFrame:
@@ -207,12 +207,6 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
 # ---------------------------------------------------------------- reading the bytes (both layouts)
 
 
-def _arrow_posts() -> pa.Schema:
-    kinds = {T.StringType: pa.string(), T.LongType: pa.int64(), T.BinaryType: pa.binary(),
-             T.TimestampType: pa.timestamp("us", tz="UTC")}
-    return pa.schema([pa.field(f.name, kinds[type(f.dataType)], f.nullable) for f in POSTS.fields])
-
-
 def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
     """Rows with image_uri (+ caption text or caption_uri) -> POSTS rows with the image bytes.
 
@@ -221,7 +215,7 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
     total = todo.agg(F.sum("image_size")).first()[0] or 0
     parts = max(spark.sparkContext.defaultParallelism, math.ceil(total / (cfg.ingest.partition_mb << 20)))
     threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
-    schema = _arrow_posts()
+    schema = TABLES["posts"].arrow
 
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
@@ -263,7 +257,7 @@ def ingest(spark: SparkSession, cfg: Config) -> Summary:
     else:
         todo, rejects, inputs, flags = ingest_manifest(spark, cfg)
     rejected = write_rejected(spark, lake, STAGE, rejects)
-    read_posts(spark, todo, cfg).write.mode("overwrite").parquet(out)
+    write_table(read_posts(spark, todo, cfg), lake, "posts")
     written = spark.read.parquet(out)
     status = {r["caption_status"]: int(r["count"]) for r in written.groupBy("caption_status").count().collect()}
     return Summary(

@@ -89,6 +89,27 @@ def read_bytes(spark, uri: str) -> bytes:
         stream.close()
 
 
+def upload(spark, local_dir: str, uri: str) -> None:
+    """Copy a local folder's files to the folder uri (any scheme the cluster's Hadoop reads)."""
+    fs, dst = _hadoop(spark, uri)
+    jvm = spark._jvm
+    fs.mkdirs(dst)
+    for name in sorted(os.listdir(local_dir)):
+        fs.copyFromLocalFile(False, True, jvm.org.apache.hadoop.fs.Path(qualify(os.path.join(local_dir, name))),
+                             jvm.org.apache.hadoop.fs.Path(dst, name))
+
+
+def download(spark, uri: str, local_dir: str) -> None:
+    """Copy the files of the folder uri into an existing local folder."""
+    fs, src = _hadoop(spark, uri)
+    jvm = spark._jvm
+    for status in fs.listStatus(src):
+        if status.isFile():
+            path = status.getPath()
+            fs.copyToLocalFile(False, path, jvm.org.apache.hadoop.fs.Path(qualify(os.path.join(local_dir, path.getName()))),
+                               True)
+
+
 def delete(spark, uri: str) -> None:
     fs, path = _hadoop(spark, uri)
     if fs.exists(path):

@@ -11,12 +11,14 @@ corpus is read one Parquet batch at a time on every pass, so memory does not gro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import pickle
 import resource
+import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import pyarrow as pa
@@ -26,9 +28,10 @@ from pyspark.sql import functions as F
 
 from sparkml import storage
 from sparkml.config import Config, ConfigError
-from sparkml.datasets import assign_split
-from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected
-from sparkml.schemas import Reason
+from sparkml.splits import assign_split
+from sparkml.lake import (IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected,
+                          write_table)
+from sparkml.schemas import TABLES, Reason
 from sparkml.text import TOKENS_ARROW, tokens_batch
 
 
@@ -58,7 +61,13 @@ class ParquetCorpus:
                         yield list(zip(ids[a:b], counts[a:b]))
 
     def __len__(self):
-        return sum(1 for _ in self)
+        """Documents, from the Parquet footers (gensim asks before training): no decode pass."""
+        n = 0
+        for uri in self.files:
+            scheme, path = storage.arrow_path(uri)
+            with storage.arrow_filesystem(scheme, self.endpoint, self.region).open_input_file(path) as fh:
+                n += pq.ParquetFile(fh).metadata.num_rows
+        return n if self.limit is None else min(n, self.limit)
 
 
 def tokenize(posts: DataFrame) -> DataFrame:
@@ -88,25 +97,25 @@ def bags_of_words(spark: SparkSession, tokens: DataFrame, vocab: list[str]) -> D
             .select("post_id", F.col("bag.id").alias("ids"), F.col("bag.n").alias("counts")))
 
 
-def _upload_dir(spark, local: str, uri: str) -> None:
-    for name in sorted(os.listdir(local)):
-        with open(os.path.join(local, name), "rb") as fh:
-            storage.write_bytes(spark, f"{uri}/{name}", fh.read())
+@contextmanager
+def _local_dir():
+    path = tempfile.mkdtemp(prefix="lda-")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_lda(spark, lake: Lake, cfg: Config):
-    """The trained LdaModel from <lake>/models/lda (copied to a local temp folder first)."""
+    """The trained LdaModel from <lake>/models/lda (copied through the cluster's Hadoop FS)."""
     from gensim.models import LdaModel
 
     uri = lake.model("lda")
     if not storage.exists(spark, f"{uri}/_SUMMARY.json"):
         raise IncompleteInput(f"{uri} has no trained model: run jobs/train_lda.py first")
-    local = tempfile.mkdtemp(prefix="lda-")
-    for file_uri, _ in storage.list_files(uri, cfg.s3.endpoint, cfg.s3.region):
-        name = file_uri.rsplit("/", 1)[1]
-        with open(os.path.join(local, name), "wb") as fh:
-            fh.write(storage.read_bytes(spark, file_uri))
-    return LdaModel.load(os.path.join(local, "lda.model"))
+    with _local_dir() as local:
+        storage.download(spark, uri, local)
+        return LdaModel.load(os.path.join(local, "lda.model"))  # reads every file now: the folder can go
 
 
 def _peak_rss_mb() -> float:
@@ -121,7 +130,7 @@ def train_lda(spark: SparkSession, cfg: Config) -> Summary:
     bow_uri, model_uri = lake.table("bow"), lake.model("lda")
     begin_output(spark, bow_uri)
     begin_output(spark, model_uri)
-    posts = read_table(spark, lake.table("posts"), "ingest")
+    posts = read_table(spark, lake, "posts")
     tokens = tokenize(posts).persist()
     vocab = vocabulary(tokens, o.min_count, o.max_vocab)
     if not vocab:
@@ -130,7 +139,9 @@ def train_lda(spark: SparkSession, cfg: Config) -> Summary:
     bows = bags_of_words(spark, tokens, words)
     d = cfg.dataset
     split = assign_split(posts.select("post_id", "split"), d.train, d.val, d.respect_source_split)
-    bows.join(split, "post_id").write.mode("overwrite").partitionBy("split").parquet(bow_uri)
+    # Sorted by post_id, so gensim streams the captions in one order whatever the parallelism
+    # (range-partitioned part files are numbered in key order): the same model on every rerun.
+    write_table(bows.join(split, "post_id").orderBy("split", "post_id"), lake, "bow", partition_by="split")
     with_bow = spark.read.parquet(bow_uri).select("post_id")
     no_words = tokens.where(F.size("tokens") == 0).select("post_id")
     unknown = tokens.where(F.size("tokens") > 0).select("post_id").join(with_bow, "post_id", "left_anti")
@@ -158,9 +169,9 @@ def train_lda(spark: SparkSession, cfg: Config) -> Summary:
     bound = lda.log_perplexity(held) if held else float("nan")
     sample = list(ParquetCorpus(f"{bow_uri}/split=train", cfg.s3.endpoint, cfg.s3.region, limit=o.heldout_docs))
     coherence = CoherenceModel(model=lda, corpus=sample, dictionary=dictionary, coherence="u_mass").get_coherence()
-    local = tempfile.mkdtemp(prefix="lda-")
-    lda.save(os.path.join(local, "lda.model"))
-    _upload_dir(spark, local, model_uri)
+    with _local_dir() as local:
+        lda.save(os.path.join(local, "lda.model"))
+        storage.upload(spark, local, model_uri)
     top = {i: [w for w, _ in lda.show_topic(i, 8)] for i in range(min(o.num_topics, 10))}
     n_posts = posts.count()
     summary = Summary(stage="train_lda", input_rows=n_posts, output_rows=with_bow.count(), rejected=rejected,
@@ -178,41 +189,61 @@ def train_lda(spark: SparkSession, cfg: Config) -> Summary:
     return summary
 
 
-_MODELS: dict[int, tuple] = {}
+def document_seed(seed: int, post_id: str) -> int:
+    """A 32-bit seed from the run's lda.seed and the post: the same for a post wherever it runs."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{post_id}".encode(), digest_size=4).digest(), "little")
 
 
-def _model_from(blob):
-    """Unpickle the broadcast model once per Python worker (the broadcast value is cached there)."""
-    value = blob.value
-    if id(value) not in _MODELS:
-        _MODELS.clear()
-        _MODELS[id(value)] = (value, pickle.loads(value))
-    return _MODELS[id(value)][1]
+class _PerDocumentGamma:
+    """Stands in for the model's random_state during inference. gensim starts a chunk's
+    variational gamma as random_state.gamma(100, 1/100, (len(chunk), k)) from one generator that
+    moves on with every batch and task, so a caption's topics depended on what it was batched
+    with; here row d comes from a generator seeded by document_seed(seed, post_id[d]). The
+    E-step is then per document, so results do not depend on partitioning or batch size."""
+
+    def __init__(self, seeds: list[int]):
+        self.seeds = seeds
+
+    def gamma(self, shape: float, scale: float, size: tuple[int, int]) -> np.ndarray:
+        n, k = size
+        assert n == len(self.seeds)
+        return np.stack([np.random.RandomState(s).gamma(shape, scale, k) for s in self.seeds]).reshape(n, k)
 
 
-def infer_batch(batch: pa.RecordBatch, blob, num_topics: int) -> pa.RecordBatch:
+def infer(lda, post_ids: list[str], docs: list[list[tuple[int, int]]], seed: int) -> np.ndarray:
+    """(N, num_topics) float32 topic distributions, each a function of (model, seed, post_id, doc)."""
+    state = lda.random_state
+    lda.random_state = _PerDocumentGamma([document_seed(seed, p) for p in post_ids])
+    try:
+        gamma, _ = lda.inference(docs)
+    finally:
+        lda.random_state = state
+    return (gamma / gamma.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def infer_batch(batch: pa.RecordBatch, lda, seed: int) -> pa.RecordBatch:
     """(post_id, ids, counts) -> (post_id, topics): the full distribution, minimum_probability 0."""
-    lda = _model_from(blob)
     docs = [list(zip(i, c)) for i, c in zip(batch.column("ids").to_pylist(), batch.column("counts").to_pylist())]
-    gamma, _ = lda.inference(docs)
-    topics = (gamma / gamma.sum(axis=1, keepdims=True)).astype(np.float32)
+    topics = infer(lda, batch.column("post_id").to_pylist(), docs, seed)
     return pa.RecordBatch.from_arrays(
-        [batch.column("post_id"), pa.FixedSizeListArray.from_arrays(pa.array(topics.ravel()), num_topics)
-         .cast(pa.list_(pa.float32()))], names=["post_id", "topics"])
+        [batch.column("post_id"), pa.FixedSizeListArray.from_arrays(pa.array(topics.ravel()), lda.num_topics)
+         .cast(pa.list_(pa.float32()))], schema=TABLES["topics"].arrow)
 
 
 def infer_topics(spark: SparkSession, cfg: Config) -> Summary:
     lake = Lake(cfg.lake)
     out = lake.table("topics")
     begin_output(spark, out)
-    bow = read_table(spark, lake.table("bow"), "train_lda").select("post_id", "ids", "counts")
+    bow = read_table(spark, lake, "bow").select("post_id", "ids", "counts")
     lda = load_lda(spark, lake, cfg)
-    k = lda.num_topics
-    blob = spark.sparkContext.broadcast(pickle.dumps(lda))
+    # The model object itself: Spark pickles it once and every Python worker unpickles it once.
+    model = spark.sparkContext.broadcast(lda)
+    seed = cfg.lda.seed
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
-    topics = bow.mapInArrow(lambda bs: (infer_batch(b, blob, k) for b in bs), "post_id string, topics array<float>")
-    topics.write.mode("overwrite").parquet(out)
+    topics = bow.mapInArrow(lambda bs: (infer_batch(b, model.value, seed) for b in bs), TABLES["topics"].schema)
+    write_table(topics, lake, "topics")
     n = spark.read.parquet(out).count()
     trained = read_summary(spark, lake.model("lda"))
     return Summary(stage="infer_topics", input_rows=bow.count(), output_rows=n, output=out,
-                   extra={"num_topics": k, "posts_without_topics": trained["input_rows"] - trained["output_rows"]})
+                   extra={"num_topics": lda.num_topics, "seed": seed,
+                          "posts_without_topics": trained["input_rows"] - trained["output_rows"]})

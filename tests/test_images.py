@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparkml.images import Prepared, Rejected, _decode_scale, _plain_jpeg_size, _resample, hamming, phash, prepare_image, sniff
+from sparkml.images import Prepared, Rejected, _decode_scale, _plain_jpeg_size, _resample, prepare_image, sniff
+from sparkml.phash import hamming, phash
 from sparkml.sample import IMG_DIR
 from sparkml.schemas import Reason
 from tests.conftest import SHARED, planted

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
-from sparkml.images import hamming
+from sparkml.phash import hamming
 from sparkml.lake import read_summary
 from sparkml.sample import MANIFEST
 from tests.conftest import planted, rejects_by_reason, run_job
