@@ -46,7 +46,7 @@ demo: setup
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG)
 	$(SUBMIT) jobs/filter_followers.py --config $(CONFIG)
 	$(SUBMIT) jobs/detect_faces.py --config $(CONFIG)
-	@# The generated images have no real faces: expect few or none to pass the face filter.
+	@# The sample's '#me' selfies carry real faces; its quote images and city scenes do not pass the face filter.
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG) --set dataset.labels=likability
 	@# Caption topic vectors as the image embedding until the GoogLeNet regressor exists (an upper bound).
 	$(SUBMIT) jobs/evaluate_retrieval.py --config $(CONFIG)

@@ -134,8 +134,11 @@ class Lda(Section):
     max_vocab: int | None = Field(None, ge=1, description="keep at most this many of the most frequent tokens")
     chunksize: int = Field(2000, ge=1, description="documents per LDA update")
     passes: int = Field(1, ge=1, description="passes over the training captions (the original: 1)")
-    workers: int = Field(1, ge=1, description="gensim LdaMulticore worker processes (1 = plain LdaModel)")
-    seed: int = Field(1, description="random_state of the LDA")
+    workers: int = Field(1, ge=1, description="gensim LdaMulticore worker processes (1 = plain LdaModel; more are "
+                                               "faster but the model then depends on their timing: reruns differ)")
+    seed: int = Field(1, description="random_state of the LDA, and with each post_id the seed of its topic inference")
+    infer_batch_rows: int = Field(1024, ge=1, description="captions per Arrow batch in infer_topics (results do not "
+                                                          "depend on it)")
     heldout_docs: int = Field(2000, ge=1, description="val captions for the held-out perplexity; as many train "
                                                       "captions for u_mass coherence")
 

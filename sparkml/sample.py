@@ -378,7 +378,7 @@ def _plant_duplicates(b: _Build, exact_src: list[str], near_src: list[str]) -> N
 
 
 def _plant_broken_files(b: _Build) -> None:
-    """Truncated, zero-byte, non-image and decompression-bomb files."""
+    """Truncated, zero-byte and non-image files."""
     for pid in b.take(3):
         data = b.images[pid]
         b.images[pid] = data[: int(len(data) * float(b.rng.uniform(0.4, 0.7)))]
@@ -389,6 +389,10 @@ def _plant_broken_files(b: _Build) -> None:
     for pid in b.take(1):
         b.images[pid] = NOT_AN_IMAGE
         b.plant("not_an_image", pid)
+
+
+def _plant_bomb(b: _Build) -> None:
+    """A small PNG that decodes to 400 megapixels, as a new post."""
     bomb = b.new_post(b.take(1)[0], ext="png")
     b.images[bomb.post_id] = bomb_png()
     b.captions_raw[bomb.post_id] = bomb.caption.encode()
@@ -530,6 +534,7 @@ def generate(cfg: Sample) -> dict:
     _plant_duplicates(b, exact_src, near_src)
     _plant_broken_files(b)
     _plant_formats(b)
+    _plant_bomb(b)
     _plant_captions(b)
     _plant_engagement(b)
     dup_src, dup_city = _plant_ingest_rejects(b)

@@ -239,7 +239,7 @@ def infer_topics(spark: SparkSession, cfg: Config) -> Summary:
     # The model object itself: Spark pickles it once and every Python worker unpickles it once.
     model = spark.sparkContext.broadcast(lda)
     seed = cfg.lda.seed
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "1024")
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.lda.infer_batch_rows))
     topics = bow.mapInArrow(lambda bs: (infer_batch(b, model.value, seed) for b in bs), TABLES["topics"].schema)
     write_table(topics, lake, "topics")
     n = spark.read.parquet(out).count()

@@ -68,12 +68,12 @@ def spark(moto_endpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
-    """A generated sample (150 posts + planted mess) shared by the tests that only read it."""
+    """A generated sample (150 city posts + planted mess + 80 '#me' posts) shared by the tests."""
     from sparkml.config import Sample
     from sparkml.sample import generate
 
     out = tmp_path_factory.mktemp("sample") / "s"
-    truth = generate(Sample(out=str(out), posts=150, seed=11, size=320, workers=2))
+    truth = generate(Sample(out=str(out), posts=150, seed=11, size=320, me_posts=80, workers=2))
     return out, truth
 
 

@@ -84,3 +84,17 @@ def test_job_help_and_bad_options_exit_2_with_one_line():
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1
     missing = _job("--config", "conf/nope.yaml")
     assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
+
+
+@pytest.mark.parametrize("job", JOBS)
+def test_every_job_refuses_an_unknown_config_key_in_one_line(job, capsys):
+    from tests.conftest import load_job
+
+    extra = ["--query", "x"] if job == "retrieve" else []
+    with pytest.raises(SystemExit) as stop:
+        load_job(job).main(["--config", str(LOCAL), "--set", "dedup.max_hammin=3", *extra])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err == f"{job}.py: error: unknown config key 'dedup.max_hammin'"

@@ -59,7 +59,8 @@ def test_instacities_accounts_for_every_file(instacities_run):
     assert _ids(rejected, "empty_image") == {c["post_id"] for c in planted(truth, "zero_byte")}
     assert _ids(rejected, "image_missing") == {c["post_id"] for c in orphans}
     assert _ids(rejected, "duplicate_post") == {c["post_id"] for c in planted(truth, "duplicate_post")}
-    assert summary["rejected"] == {"empty_image": 2, "image_missing": 2, "duplicate_post": 1}
+    assert summary["rejected"] == {"empty_image": len(planted(truth, "zero_byte")), "image_missing": len(orphans),
+                                   "duplicate_post": len(planted(truth, "duplicate_post"))}
     (dup,) = planted(truth, "duplicate_post")
     kept = posts.where(f"post_id = '{dup['post_id']}'").first()
     assert kept.city == dup["kept_city"]
@@ -97,7 +98,11 @@ def test_manifest_accounts_for_every_row(manifest_run):
     (posts, rejected, summary), truth, root = manifest_run
     assert summary["input_rows"] == truth["manifest_rows"]
     assert summary["balanced"]
-    assert summary["rejected"] == {"bad_manifest_row": 1, "duplicate_post": 1, "empty_image": 2, "image_missing": 2}
+    assert summary["rejected"] == {kind: len(planted(truth, case, "manifest")) for kind, case in (
+        ("bad_manifest_row", "bad_manifest_row"), ("duplicate_post", "duplicate_post"), ("empty_image", "zero_byte"),
+        ("image_missing", "image_missing"))}
+    assert summary["output_rows"] == truth["manifest_rows"] - sum(summary["rejected"].values())
+    assert set(truth["me"]) <= set(posts.select("post_id").toPandas().post_id)
     assert _ids(rejected, "image_missing") == {c["post_id"] for c in planted(truth, "image_missing")}
     assert _ids(rejected, "empty_image") == {c["post_id"] for c in planted(truth, "zero_byte")}
     assert rejected.loc[rejected.reason == "bad_manifest_row", "detail"].tolist() == ["missing post_id"]

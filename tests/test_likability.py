@@ -79,3 +79,54 @@ def test_likability_dataset_round_trips(spark, labelled):
     passing = {p for p in images & set(labels.index) if faces.best_confidence[p] >= 0.8}
     assert s["balanced"] and s["output_rows"] == len(passing)
     assert s["rejected"].get("no_face", 0) == len(images & set(labels.index)) - len(passing)
+
+
+def _iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    ix = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    iy = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    return ix * iy / (aw * ah + bw * bh - ix * iy)
+
+
+def test_face_filter_finds_the_planted_faces_and_nothing_else(spark, labelled):
+    """Scored against the sample's ground truth: a detector that finds nothing (or everything) fails."""
+    lake, truth = labelled
+    faces = spark.read.parquet(lake.table("faces")).toPandas().set_index("post_id")
+    side = read_summary(spark, lake.table("images"))["size"]
+    min_conf = 0.8
+    selfies = {p: m for p, m in truth["me"].items() if m["kind"] == "selfie"}
+    found = 0
+    for pid, m in selfies.items():
+        want = [v * side / m["size"] for v in m["box"]]  # squash: the same factor on both axes
+        found += any(b[4] >= min_conf and _iou(b[:4], want) >= 0.3 for b in faces.boxes[pid])
+    assert len(selfies) >= 50 and found / len(selfies) >= 0.9
+    memes = [p for p, m in truth["me"].items() if m["kind"] == "meme"]
+    scenes = [p for p in truth["labels"] if p in faces.index]  # generated city scenes: no faces
+    assert memes and (faces.best_confidence[memes] < min_conf).all()
+    assert len(scenes) > 100 and (faces.best_confidence[scenes] >= min_conf).mean() <= 0.02
+
+
+def test_likability_dataset_holds_the_selfies(spark, labelled):
+    lake, truth = labelled
+    assert run_job("build_dataset", "--set", f"lake={lake.root}", "--set", "dataset.labels=likability",
+                   "--set", "dataset.name=likability_selfies", "--set", "dataset.ranks=2") == 0
+    root = lake.dataset("likability_selfies")
+    s = read_summary(spark, root)
+    rows = spark.read.parquet(*[f"{root}/{split}" for split in ("train", "val", "test")]).select(
+        "post_id", "label").toPandas().set_index("post_id")
+    dups = set(spark.read.parquet(lake.table("duplicates")).toPandas().post_id)
+    rejected = rejects_by_reason(spark, lake, "filter_followers")
+    lost = set().union(*rejected.values())
+    selfies = {p for p, m in truth["me"].items() if m["kind"] == "selfie"} - dups - lost
+    memes = {p for p, m in truth["me"].items() if m["kind"] == "meme"}
+    assert s["balanced"] and len(rows) == s["output_rows"]
+    assert len(set(rows.index) & selfies) >= 0.9 * len(selfies) and not set(rows.index) & memes
+    assert len(set(rows.index) - selfies) <= 0.02 * len(truth["labels"])  # city scenes a detector took for faces
+    # the planted link: close-ups and green scenes are labelled good more often
+    me = truth["me"]
+    good = {p: rows.label[p] for p in set(rows.index) & selfies}
+    for factor in ("close", "green"):
+        on = np.mean([g for p, g in good.items() if me[p][factor]])
+        off = np.mean([g for p, g in good.items() if not me[p][factor]])
+        assert on - off > 0.2, factor

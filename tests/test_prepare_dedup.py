@@ -96,8 +96,12 @@ def test_petastorm_dataset_round_trips(spark, prepared):
                    "--set", "dataset.row_groups_per_rank=3") == 0
     root = lake.dataset("cities")
     s = read_summary(spark, root)
-    unique = read_summary(spark, lake.table("duplicates"))["output_rows"]
-    assert s["balanced"] and s["input_rows"] == unique and s["output_rows"] == unique
+    dups = set(spark.read.parquet(lake.table("duplicates")).toPandas().post_id)
+    images = set(spark.read.parquet(lake.table("images")).select("post_id").toPandas().post_id) - dups
+    with_city = images & set(truth["labels"])  # the '#me' posts have no city
+    assert s["balanced"] and s["input_rows"] == len(images) and s["output_rows"] == len(with_city)
+    assert s["rejected"] == {"no_label": len(images & set(truth["me"]))}
+    unique = len(with_city)
     assert sum(s["splits"].values()) == unique and s["splits"]["train"] > s["splits"]["test"] > 0
     labels = json.loads(open(root[len("file://"):] + "/labels.json").read())
     seen = {}
@@ -110,7 +114,6 @@ def test_petastorm_dataset_round_trips(spark, prepared):
     assert len(seen) == unique
     for pid, (city, _) in seen.items():
         assert truth["labels"][pid]["city"] == city
-    dups = set(spark.read.parquet(lake.table("duplicates")).toPandas().post_id)
     assert not dups & set(seen)
     train = spark.read.parquet(f"{root}/train")  # plain Spark reads it too
     assert train.count() == s["splits"]["train"]
@@ -121,3 +124,18 @@ def test_petastorm_dataset_round_trips(spark, prepared):
     assert run_job("build_dataset", "--set", f"lake={lake.root}", "--set", "dataset.ranks=2") == 0
     again = set(spark.read.parquet(f"{root}/test").toPandas().post_id)
     assert again == {p for p, (_, sp) in seen.items() if sp == "test"}
+
+
+def test_dataset_shape_comes_from_the_images_table_not_the_current_config(spark, sample, tmp_path):
+    from petastorm import make_reader
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    root, truth = sample
+    common = ["--set", f"lake={tmp_path}", "--set", f"source.path={root / MANIFEST}"]
+    for job in ("ingest", "prepare_images", "dedup"):
+        assert run_job(job, *common, "--set", "prepare.size=64") == 0, job
+    assert run_job("build_dataset", *common, "--set", "dataset.ranks=1") == 0  # prepare.size is 300 here
+    url = f"file://{tmp_path}/datasets/cities/train"
+    assert get_schema_from_dataset_url(url).fields["image"].shape == (64, 64, 3)
+    with make_reader(url, num_epochs=1, workers_count=1) as reader:
+        assert next(reader).image.shape == (64, 64, 3)

@@ -101,7 +101,10 @@ def test_file_counts_match_ground_truth(sample):
     assert sum(1 for p in (root / CAP_DIR).rglob("*") if p.is_file()) == truth["caption_files"]
     rows = [json.loads(line) for line in (root / MANIFEST).read_text().splitlines()]
     assert len(rows) == truth["manifest_rows"]
-    assert {r["city"] for r in rows} == set(CITIES)
+    me = truth["me"]
+    assert {r.get("city") for r in rows if r["post_id"] not in me} == set(CITIES)
+    assert all("city" not in r for r in rows if r["post_id"] in me) and len(me) == 80
+    assert sum(1 for p in (root / "me").glob("*.jpg")) == len(me)
     followers = [r.get("followers") for r in rows if r["post_id"]]
     assert None in followers and -5 in followers and 0 in followers
     assert max(f for f in followers if f is not None) > 100 * np.median([f for f in followers if f is not None])
@@ -125,5 +128,32 @@ def test_cities_are_learnable_from_pixels_and_captions(sample):
     pred = np.argmin(((x[~train, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
     assert (pred == y[~train]).mean() > 0.25  # chance is 0.10
     rows = [json.loads(line) for line in (root / MANIFEST).read_text().splitlines()]
-    named = [r["city"] in (r.get("caption") or "").lower() for r in rows if r["post_id"]]
+    named = [r["city"] in (r.get("caption") or "").lower() for r in rows if r.get("city")]
     assert 0.6 < np.mean(named) < 0.9  # most captions name the city, not all
+
+
+def test_me_posts_plant_faces_memes_and_a_learnable_like_ratio(sample):
+    """The '#me' ground truth is what the files and the manifest hold: a face where the box says
+    (brighter skin inside an ellipse of hair), none in memes, and likes/followers that follow the
+    planted factors."""
+    root, truth = sample
+    me = truth["me"]
+    rows = {r["post_id"]: r for r in map(json.loads, (root / MANIFEST).read_text().splitlines()) if r["post_id"] in me}
+    kinds = [m["kind"] for m in me.values()]
+    assert 0.7 < kinds.count("selfie") / len(kinds) < 0.98 and "meme" in kinds
+    ratio = {pid: rows[pid]["likes"] / rows[pid]["followers"] for pid in me}
+    log_r = np.log([ratio[p] for p in me])
+    log_a = np.log([me[p]["appeal"] for p in me])
+    assert np.corrcoef(log_r, log_a)[0, 1] > 0.6  # the planted link: noise sd 0.35 against factors of 1.6-1.8
+    for group in (lambda m: m["close"], lambda m: m["green"]):
+        on = [np.log(ratio[p]) for p, m in me.items() if m["kind"] == "selfie" and group(m)]
+        off = [np.log(ratio[p]) for p, m in me.items() if m["kind"] == "selfie" and not group(m)]
+        assert np.mean(on) - np.mean(off) > 0.3
+    for pid, m in me.items():
+        assert m["image_rel"] == rows[pid]["image"]
+        img = np.asarray(Image.open(root / m["image_rel"]).convert("RGB"), np.float32)
+        assert img.shape[:2] == (m["size"], m["size"])
+        if m["kind"] == "selfie":
+            x, y, w, h = (int(v) for v in m["box"])
+            assert 0 <= x and 0 <= y and x + w <= m["size"] and y + h <= m["size"]
+            assert (w > 0.25 * m["size"]) == m["close"]
