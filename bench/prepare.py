@@ -210,6 +210,46 @@ def spark_scaling(files: list[bytes], rounds: int) -> dict:
     return row
 
 
+COLD = """
+import os, sys, time
+os.environ["NUMBA_CACHE_DIR"] = sys.argv[1] if len(sys.argv) > 1 else {cache!r}
+t0 = time.perf_counter()
+from sparkml.images import prepare_image
+import numpy as np, simplejpeg
+t1 = time.perf_counter()
+img = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)
+prepare_image(simplejpeg.encode_jpeg(img, 90))
+t2 = time.perf_counter()
+prepare_image(simplejpeg.encode_jpeg(img, 90))
+print("SECONDS", t1 - t0, t2 - t1, time.perf_counter() - t2)
+"""
+
+
+def cold_start(rounds: int = 3) -> dict:
+    """What a new Python worker pays before its first image: import, then the first
+    prepare_image (the numba resampler compiled, or loaded from its on-disk cache)."""
+    import shutil
+    import tempfile
+
+    out = {"compile": [], "cached": []}
+    for _ in range(rounds):
+        cache = tempfile.mkdtemp(prefix="numba-")
+        try:
+            first = run_python(COLD.format(cache=cache), "SECONDS")   # empty cache: compile (and write it)
+            second = run_python(COLD.format(cache=cache), "SECONDS")  # the next worker: load it
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
+        out["compile"].append(first)
+        out["cached"].append(second)
+    row = {k: {"import_s": float(np.median([r[0] for r in v])), "first_image_s": float(np.median([r[1] for r in v])),
+               "next_image_s": float(np.median([r[2] for r in v]))} for k, v in out.items()}
+    print(f"cold start of a Python worker (median of {rounds}): import {row['compile']['import_s']:.2f} s; "
+          f"first image with an empty numba cache (compile) {row['compile']['first_image_s']:.3f} s, "
+          f"with the cache written by an earlier worker {row['cached']['first_image_s']:.3f} s; "
+          f"the next image {row['cached']['next_image_s'] * 1e3:.1f} ms")
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n640", type=int, default=240)
@@ -218,9 +258,13 @@ def main() -> None:
     ap.add_argument("--spark", type=int, default=6000, help="posts for the Spark scaling run")
     ap.add_argument("--no-spark", action="store_true")
     ap.add_argument("--repeat", type=int, default=4)
+    ap.add_argument("--cold-only", action="store_true", help="only the cold-start figure")
     args = ap.parse_args()
     header("prepare_images: per-core throughput vs PIL LANCZOS loop, PSNR, Spark scaling")
-    rows = {}
+    rows = {"cold_start": cold_start()}
+    if args.cold_only:
+        print("\n" + json.dumps(rows, indent=1))
+        return
     if not args.no_spark:  # before pinning this process to one core
         rows["spark"] = spark_scaling(make_set("640", args.spark, (640, 640), seed=2), rounds=2)
     single_core()

@@ -1,15 +1,24 @@
 """Duplicate images: exact (same SHA-256 of the original bytes) and near (pHash within
-dedup.max_hamming), one canonical post kept per group (the lowest post_id).
+dedup.max_hamming at the best pairing of centred zooms, verified by the 256-bit hashes of
+that pairing), one canonical post kept per group (the lowest post_id).
 
-The near-duplicate search is exact and not all-pairs: multi-index hashing. The 64 hash
-bits are cut into `bands` bands; two hashes within t bits agree within floor(t/bands)
-bits on at least one band (pigeonhole). Each hash is indexed by its band values and
-probes every value within that radius, so an equi-join on (band, value) finds every
-pair within t, and only those candidates have their full distance computed.
+Crop-tolerant: every image has the 64-bit pHash of the whole image and of centred zooms
+(sparkml.phash.ZOOMS). A re-post cropped by c per side hashes like its original's zoom
+nearest c; a re-post with a frame added has a zoom that hashes like the original. So a pair
+is a candidate when one image's whole-image hash is near any hash of the other.
 
-Cost for N hashes with b bands of w = 64/b bits and radius r = floor(t/b): index rows
-N*b, probe rows N*b*P with P = sum_{k<=r} C(w, k), candidate pairs about
-(N^2/2) * b * P / 2^w for evenly spread hashes (t=6, b=4: P=17, ~5e-4 * N^2/2).
+The search is exact within that rule and not all-pairs: multi-index hashing. The 64 hash
+bits are cut into `bands` bands; two hashes within t bits agree within floor(t/bands) bits
+on at least one band (pigeonhole). Every hash (whole and zooms) is indexed by its band
+values; every whole-image hash probes each value within that radius; an equi-join on
+(band, value) finds every pair within t. Only those candidates have their distances
+computed: the 64-bit one (<= max_hamming) and, as verification, the 256-bit one of the same
+pairing (<= verify_bits), which keeps unrelated photos that happen to come close in 64 bits
+out (docs/benchmarks.md).
+
+Cost for N images with Z hashes each, b bands of w = 64/b bits and radius r = floor(t/b):
+index rows N*Z*b, probe rows N*b*P with P = sum_{k<=r} C(w, k), candidates about
+N^2 * Z * b * P / 2^w for evenly spread hashes (t=6, b=4, Z=3: P=17, ~3e-3 * N^2).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from pyspark.sql import functions as F
 
 from sparkml.config import Config
 from sparkml.lake import Lake, Summary, begin_output, conform, read_table, union_all, write_table
+from sparkml.phash import WORDS_256, ZOOMS
 
 
 def band_bounds(bands: int) -> list[tuple[int, int]]:
@@ -42,23 +52,55 @@ def _order_key(col: str = "post_id"):
     return [F.length(col), F.col(col)]
 
 
-def candidate_pairs(reps: DataFrame, max_hamming: int, bands: int) -> DataFrame:
-    """(a, b, hamming) for every candidate pair (a < b) the band join finds; every pair within
-    max_hamming is among them, the caller keeps those."""
+def _hashes(df: DataFrame) -> DataFrame:
+    """post_id, h (array: the whole image's 64-bit pHash, then each zoom's), v (the 256-bit ones)."""
+    return df.select("post_id", F.concat(F.array("phash"), "zoom_phash").alias("h"), F.col("phash256").alias("v"))
+
+
+def _bits_apart(h1: str, v1: str, level1, h2: str, v2: str, level2) -> tuple:
+    """(64-bit distance, 256-bit distance) between level1 of one image and level2 of another."""
+    d64 = F.expr(f"bit_count(element_at({h1}, {level1} + 1) ^ element_at({h2}, {level2} + 1))")
+    d256 = sum(F.expr(f"bit_count(element_at({v1}, {level1} * {WORDS_256} + {w + 1}) ^ "
+                      f"element_at({v2}, {level2} * {WORDS_256} + {w + 1}))") for w in range(WORDS_256))
+    return d64, d256
+
+
+def best_pairing(h1: str, h2: str, zooms: int = len(ZOOMS)):
+    """The 64-bit distance of two images at their best pairing: whole with whole, or a zoom of
+    one with the other whole (a crop of one, or a frame around the other)."""
+    pairs = [(0, 0)] + [(k, 0) for k in range(1, zooms)] + [(0, k) for k in range(1, zooms)]
+    return F.least(*[F.expr(f"bit_count(element_at({h1}, {a + 1}) ^ element_at({h2}, {b + 1}))") for a, b in pairs]) \
+        if len(pairs) > 1 else F.expr(f"bit_count(element_at({h1}, 1) ^ element_at({h2}, 1))")
+
+
+def candidate_pairs(reps: DataFrame, max_hamming: int, bands: int, verify_bits: int) -> tuple[DataFrame, DataFrame]:
+    """(pairs, candidates): every pair (a < b) of images where a zoom (or the whole) of one is
+    within max_hamming bits of the whole other and the same pairing's 256-bit hashes are within
+    verify_bits, as (a, b, hamming); and the candidates the band join proposed (a, level, b).
+
+    Each image is indexed by the band values of all its hashes (whole + zooms) and probes with
+    its whole-image hash: a copy cropped by c per side lands on the original's zoom nearest c."""
     radius = max_hamming // bands
+    hashed = _hashes(reps)
+    levels = hashed.select("post_id", F.posexplode("h").alias("level", "hash"))
+    whole = hashed.select("post_id", F.col("h")[0].alias("hash"))
     index, probes = [], []
     for i, (lo, hi) in enumerate(band_bounds(bands)):
-        value = F.expr(f"shiftrightunsigned(phash, {lo}) & {(1 << (hi - lo)) - 1}")
-        index.append(reps.select("post_id", F.lit(i).alias("band"), value.alias("value")))
+        value = F.expr(f"shiftrightunsigned(hash, {lo}) & {(1 << (hi - lo)) - 1}")
+        index.append(levels.select(F.col("post_id").alias("a"), "level", F.lit(i).alias("band"), value.alias("value")))
         masks = F.array(*[F.lit(m).cast("long") for m in probe_masks(hi - lo, radius)])
-        probes.append(reps.select(F.col("post_id").alias("b"), F.lit(i).alias("band"),
-                                  F.explode(F.transform(masks, lambda m: value.bitwiseXOR(m))).alias("value")))
-    pairs = (union_all(index).withColumnRenamed("post_id", "a").join(union_all(probes), ["band", "value"])
-             .where(F.col("a") < F.col("b")).select("a", "b").distinct())
-    ph = reps.select("post_id", "phash")
-    return (pairs.join(ph.withColumnRenamed("post_id", "a").withColumnRenamed("phash", "pa"), "a")
-            .join(ph.withColumnRenamed("post_id", "b").withColumnRenamed("phash", "pb"), "b")
-            .select("a", "b", F.expr("bit_count(pa ^ pb)").cast("int").alias("hamming")))
+        probes.append(whole.select(F.col("post_id").alias("b"), F.lit(i).alias("band"),
+                                   F.explode(F.transform(masks, lambda m: value.bitwiseXOR(m))).alias("value")))
+    candidates = (union_all(index).join(union_all(probes), ["band", "value"])
+                  .where(F.col("a") != F.col("b")).select("a", "level", "b").distinct())
+    side = hashed.select("post_id", "h", "v")
+    joined = (candidates.join(side.toDF("a", "ha", "va"), "a").join(side.toDF("b", "hb", "vb"), "b"))
+    d64, d256 = _bits_apart("ha", "va", "level", "hb", "vb", 0)
+    verified = joined.select("a", "b", d64.alias("d64"), d256.alias("d256")).where(
+        (F.col("d64") <= max_hamming) & (F.col("d256") <= verify_bits))
+    pairs = (verified.select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), "d64")
+             .groupBy("a", "b").agg(F.min("d64").cast("int").alias("hamming")))
+    return pairs, candidates
 
 
 def _components(edges: list[tuple[str, str]]) -> dict[str, str]:
@@ -78,28 +120,30 @@ def _components(edges: list[tuple[str, str]]) -> dict[str, str]:
     return {x: first[int(label[i])] for i, x in enumerate(ids)}
 
 
-def find_duplicates(spark: SparkSession, images: DataFrame, max_hamming: int, bands: int) -> tuple[DataFrame, int]:
-    """(duplicates in the DUPLICATES schema, candidate pairs verified)."""
+def find_duplicates(spark: SparkSession, images: DataFrame, max_hamming: int, bands: int,
+                    verify_bits: int) -> tuple[DataFrame, int]:
+    """(duplicates in the DUPLICATES schema, candidates the band join proposed)."""
     w = Window.partitionBy("sha256").orderBy(*_order_key())
-    ranked = images.select("post_id", "sha256", "phash").withColumn("_rn", F.row_number().over(w)) \
-        .withColumn("_first", F.first("post_id").over(w)).persist()
-    reps = ranked.where("_rn = 1").select("post_id", "phash", "sha256")
-    candidates = candidate_pairs(reps, max_hamming, bands).persist()
+    ranked = images.select("post_id", "sha256", "phash", "zoom_phash", "phash256") \
+        .withColumn("_rn", F.row_number().over(w)).withColumn("_first", F.first("post_id").over(w)).persist()
+    reps = ranked.where("_rn = 1").select("post_id", "phash", "zoom_phash", "phash256")
+    pairs, candidates = candidate_pairs(reps, max_hamming, bands, verify_bits)
+    candidates = candidates.persist()
     n_candidates = candidates.count()
-    edges = candidates.where(F.col("hamming") <= max_hamming).select("a", "b").collect()
+    edges = pairs.select("a", "b").collect()
     candidates.unpersist()
     canon = _components([(r.a, r.b) for r in edges])
     near_map = spark.createDataFrame(list(canon.items()) or [], "rep string, canonical string")
     # Every image maps to its exact group's representative, then to that one's near canonical.
-    mapped = (ranked.select("post_id", "sha256", "phash", F.col("_first").alias("rep"))
+    mapped = (_hashes(ranked).join(ranked.select("post_id", "sha256", F.col("_first").alias("rep")), "post_id")
               .join(F.broadcast(near_map), "rep", "left")
               .withColumn("canonical_post_id", F.coalesce("canonical", "rep")))
-    cph = images.select(F.col("post_id").alias("canonical_post_id"), F.col("sha256").alias("csha"),
-                        F.col("phash").alias("cph"))
-    dups = (mapped.where(F.col("post_id") != F.col("canonical_post_id")).join(cph, "canonical_post_id")
+    canon = _hashes(images).toDF("canonical_post_id", "ch", "cv").join(
+        images.select(F.col("post_id").alias("canonical_post_id"), F.col("sha256").alias("csha")), "canonical_post_id")
+    dups = (mapped.where(F.col("post_id") != F.col("canonical_post_id")).join(canon, "canonical_post_id")
             .select("post_id", "canonical_post_id",
                     F.when(F.col("sha256") == F.col("csha"), "exact").otherwise("near").alias("kind"),
-                    F.expr("bit_count(phash ^ cph)").cast("int").alias("hamming")))
+                    best_pairing("h", "ch").cast("int").alias("hamming")))
     ranked.unpersist()
     return conform(dups, "duplicates"), n_candidates
 
@@ -110,14 +154,15 @@ def dedup(spark: SparkSession, cfg: Config) -> Summary:
     out = lake.table("duplicates")
     begin_output(spark, out)
     images = read_table(spark, lake, "images")
-    dups, n_candidates = find_duplicates(spark, images, cfg.dedup.max_hamming, cfg.dedup.bands)
+    d = cfg.dedup
+    dups, n_candidates = find_duplicates(spark, images, d.max_hamming, d.bands, d.verify_bits)
     write_table(dups.repartition(1).sortWithinPartitions("post_id"), lake, "duplicates")
     kinds = {r["kind"]: int(r["count"]) for r in spark.read.parquet(out).groupBy("kind").count().collect()}
     n = images.count()
     return Summary(stage="dedup", input_rows=n, output_rows=n - sum(kinds.values()),
                    duplicates={k: kinds.get(k, 0) for k in ("exact", "near")}, output=out,
-                   extra={"max_hamming": cfg.dedup.max_hamming, "bands": cfg.dedup.bands,
-                          "candidate_pairs": n_candidates})
+                   extra={"max_hamming": d.max_hamming, "bands": d.bands, "verify_bits": d.verify_bits,
+                          "zooms": list(ZOOMS), "candidate_pairs": n_candidates})
 
 
 def unique_images(spark: SparkSession, lake: Lake) -> DataFrame:

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 
 from sparkml.images import Prepared, Rejected, prepare_image
-from sparkml.phash import phash
+from sparkml.phash import zoom_hashes
 from sparkml.schemas import TABLES, to_arrow, with_reject
 
 RESULT_ARROW = to_arrow(with_reject(TABLES["images"].schema))
@@ -27,7 +27,9 @@ def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
     _init_worker()
     results = [prepare_image(b, **options) for b in batch.column("image_bytes").to_pylist()]
     ok = [r for r in results if isinstance(r, Prepared)]
-    hashes = iter(phash(np.stack([r.gray32 for r in ok])).tolist() if ok else [])
+    h64, h256 = zoom_hashes(np.stack([r.hash_base for r in ok])) if ok else (np.zeros((0, 1)), np.zeros((0, 1)))
+    hashes = iter(zip(h64.tolist(), h256.tolist()))
+    per = [next(hashes) if isinstance(r, Prepared) else None for r in results]
 
     def col(attr):
         return [getattr(r, attr) if isinstance(r, Prepared) else None for r in results]
@@ -35,7 +37,9 @@ def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
     columns = {
         "post_id": batch.column("post_id").to_pylist(),
         **{name: col(name) for name in ("image", "width", "height", "format", "mode", "orientation", "sha256")},
-        "phash": [next(hashes) if isinstance(r, Prepared) else None for r in results],
+        "phash": [h[0][0] if h else None for h in per],
+        "zoom_phash": [h[0][1:] if h else None for h in per],
+        "phash256": [h[1] if h else None for h in per],
         "reason": [r.reason.value if isinstance(r, Rejected) else None for r in results],
         "detail": [r.detail if isinstance(r, Rejected) else None for r in results],
     }

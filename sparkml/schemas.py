@@ -104,6 +104,10 @@ IMAGES = T.StructType([
     T.StructField("orientation", T.IntegerType(), False),  # EXIF orientation applied
     T.StructField("sha256", T.StringType(), False),      # of the original bytes
     T.StructField("phash", T.LongType(), False),         # 64-bit DCT perceptual hash of the prepared image
+    # the same of its centred zooms (sparkml.phash.ZOOMS[1:]: 2.5% and 5% cut per side), for cropped re-posts
+    T.StructField("zoom_phash", T.ArrayType(T.LongType(), False), False),
+    # 256-bit hashes (4 words each) of the whole image and of each zoom: dedup verifies candidates with them
+    T.StructField("phash256", T.ArrayType(T.LongType(), False), False),
 ])
 
 LIKABILITY = T.StructType([
@@ -130,7 +134,7 @@ DUPLICATES = T.StructType([
     T.StructField("post_id", T.StringType(), False),
     T.StructField("canonical_post_id", T.StringType(), False),
     T.StructField("kind", T.StringType(), False),        # exact (same bytes) | near (pHash within dedup.max_hamming)
-    T.StructField("hamming", T.IntegerType(), False),
+    T.StructField("hamming", T.IntegerType(), False),    # pHash bits apart, at the best pairing of zooms
 ])
 
 BOW = T.StructType([

@@ -6,7 +6,7 @@ from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
 from sparkml.phash import hamming
 from sparkml.lake import read_summary
 from sparkml.sample import MANIFEST
-from tests.conftest import planted, rejects_by_reason, run_job
+from tests.conftest import ROOT, planted, rejects_by_reason, run_job
 
 
 def test_bands_and_masks():
@@ -28,12 +28,22 @@ def test_band_search_finds_every_pair_a_brute_force_finds(spark, t, bands):
     for h in base[:40]:  # neighbours at distance 0..t+2 of some hashes
         flips = rng.choice(64, int(rng.integers(0, t + 3)), replace=False)
         hashes.append(h ^ sum(1 << int(f) for f in flips))
-    rows = [(f"p{i}", signed(h)) for i, h in enumerate(hashes)]
-    reps = spark.createDataFrame(rows, "post_id string, phash long")
-    found = {(r.a, r.b) for r in candidate_pairs(reps, t, bands).where(f"hamming <= {t}").collect()}
-    brute = {(a, b) if a < b else (b, a) for i, (a, ha) in enumerate(rows) for b, hb in rows[i + 1:]
-             if hamming(ha, hb) <= t}
+    # one "zoom" hash per image too, some near another image's whole-image hash
+    zooms = [int.from_bytes(rng.bytes(8), "big") for _ in hashes]
+    for k in range(0, 40, 3):
+        zooms[k] = hashes[k + 50] ^ (1 << int(rng.integers(64)))
+    rows = [(f"p{i}", signed(h), [signed(z)], [0] * 8) for i, (h, z) in enumerate(zip(hashes, zooms))]
+    reps = spark.createDataFrame(rows, "post_id string, phash long, zoom_phash array<long>, phash256 array<long>")
+    pairs, _ = candidate_pairs(reps, t, bands, verify_bits=0)
+    found = {(r.a, r.b): r.hamming for r in pairs.collect()}
+
+    def best(i, j):  # whole with whole, or a zoom of one with the whole other
+        return min(hamming(hashes[i], hashes[j]), hamming(zooms[i], hashes[j]), hamming(hashes[i], zooms[j]))
+
+    brute = {tuple(sorted((f"p{i}", f"p{j}"))): best(i, j) for i in range(len(rows)) for j in range(i + 1, len(rows))
+             if best(i, j) <= t}
     assert found == brute and len(brute) > 10
+    assert any(hamming(hashes[int(a[1:])], hashes[int(b[1:])]) > t for a, b in brute)  # found through a zoom
 
 
 def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):
@@ -139,3 +149,27 @@ def test_dataset_shape_comes_from_the_images_table_not_the_current_config(spark,
     assert get_schema_from_dataset_url(url).fields["image"].shape == (64, 64, 3)
     with make_reader(url, num_epochs=1, workers_count=1) as reader:
         assert next(reader).image.shape == (64, 64, 3)
+
+
+PHOTOS = ROOT.parent / "shared" / "data" / "photos"
+
+
+def test_dedup_finds_cropped_reposts_of_real_photos(spark, tmp_path):
+    """Real photos (no near-duplicates among them) with cropped, re-encoded, rescaled and
+    brightened copies: every copy is found, nothing unrelated is joined."""
+    from sparkml.sample import write_near_duplicates
+
+    photos = sorted(PHOTOS.glob("*.jpg"))
+    assert len(photos) == 396, "../shared/data/photos must be beside the repository"
+    truth = write_near_duplicates(photos[::10], tmp_path / "set", seed=1)
+    common = ["--set", f"lake={tmp_path / 'lake'}", "--set", f"source.path={tmp_path / 'set' / MANIFEST}"]
+    for job in ("ingest", "prepare_images", "dedup"):
+        assert run_job(job, *common) == 0, job
+    dups = spark.read.parquet(f"{tmp_path}/lake/tables/duplicates").toPandas()
+    canonical = dict(zip(dups.post_id, dups.canonical_post_id))
+    group = {p: canonical.get(p, p) for p in truth}
+    for kind in ("crop4", "crop5", "reencode", "rescale", "bright"):
+        copies = [p for p, t in truth.items() if t["kind"] == kind]
+        assert sum(group[p] == group[truth[p]["of"]] for p in copies) >= 0.95 * len(copies), kind
+    originals = [p for p, t in truth.items() if t["of"] is None]
+    assert len({group[p] for p in originals}) == len(originals)  # precision: no two photos joined
