@@ -57,20 +57,19 @@ def _hashes(df: DataFrame) -> DataFrame:
     return df.select("post_id", F.concat(F.array("phash"), "zoom_phash").alias("h"), F.col("phash256").alias("v"))
 
 
-def _bits_apart(h1: str, v1: str, level1, h2: str, v2: str, level2) -> tuple:
-    """(64-bit distance, 256-bit distance) between level1 of one image and level2 of another."""
-    d64 = F.expr(f"bit_count(element_at({h1}, {level1} + 1) ^ element_at({h2}, {level2} + 1))")
-    d256 = sum(F.expr(f"bit_count(element_at({v1}, {level1} * {WORDS_256} + {w + 1}) ^ "
-                      f"element_at({v2}, {level2} * {WORDS_256} + {w + 1}))") for w in range(WORDS_256))
+def _bits_apart(h1: str, v1: str, level: str, h2: str, v2: str) -> tuple:
+    """(64-bit distance, 256-bit distance) between hash `level` of one image and the whole other."""
+    d64 = F.expr(f"bit_count(element_at({h1}, {level} + 1) ^ element_at({h2}, 1))")
+    d256 = sum(F.expr(f"bit_count(element_at({v1}, {level} * {WORDS_256} + {w + 1}) ^ element_at({v2}, {w + 1}))")
+               for w in range(WORDS_256))
     return d64, d256
 
 
-def best_pairing(h1: str, h2: str, zooms: int = len(ZOOMS)):
+def best_pairing(h1: str, h2: str):
     """The 64-bit distance of two images at their best pairing: whole with whole, or a zoom of
     one with the other whole (a crop of one, or a frame around the other)."""
-    pairs = [(0, 0)] + [(k, 0) for k in range(1, zooms)] + [(0, k) for k in range(1, zooms)]
-    return F.least(*[F.expr(f"bit_count(element_at({h1}, {a + 1}) ^ element_at({h2}, {b + 1}))") for a, b in pairs]) \
-        if len(pairs) > 1 else F.expr(f"bit_count(element_at({h1}, 1) ^ element_at({h2}, 1))")
+    pairs = [(0, 0)] + [(k, 0) for k in range(1, len(ZOOMS))] + [(0, k) for k in range(1, len(ZOOMS))]
+    return F.least(*[F.expr(f"bit_count(element_at({h1}, {a + 1}) ^ element_at({h2}, {b + 1}))") for a, b in pairs])
 
 
 def candidate_pairs(reps: DataFrame, max_hamming: int, bands: int, verify_bits: int) -> tuple[DataFrame, DataFrame]:
@@ -95,7 +94,7 @@ def candidate_pairs(reps: DataFrame, max_hamming: int, bands: int, verify_bits: 
                   .where(F.col("a") != F.col("b")).select("a", "level", "b").distinct())
     side = hashed.select("post_id", "h", "v")
     joined = (candidates.join(side.toDF("a", "ha", "va"), "a").join(side.toDF("b", "hb", "vb"), "b"))
-    d64, d256 = _bits_apart("ha", "va", "level", "hb", "vb", 0)
+    d64, d256 = _bits_apart("ha", "va", "level", "hb", "vb")
     verified = joined.select("a", "b", d64.alias("d64"), d256.alias("d256")).where(
         (F.col("d64") <= max_hamming) & (F.col("d256") <= verify_bits))
     pairs = (verified.select(F.least("a", "b").alias("a"), F.greatest("a", "b").alias("b"), "d64")

@@ -19,7 +19,6 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 from pyspark import StorageLevel
-
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 

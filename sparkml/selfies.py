@@ -3,7 +3,7 @@
 Selfies are real faces (the 100 face crops of scikit-image's `lfw_subset`, from Labeled Faces in
 the Wild, tinted to a skin tone) composited as a head with hair and shoulders into a generated
 scene: outdoors on grass under trees (the grass texture scikit-image ships) or indoors. Quote
-images ("memes") are text on a plain background, with no face. The like ratio (likes /
+images ("memes") are text in a coloured band over a blurred scene, with no face. The like ratio (likes /
 followers) carries a planted, learnable link to the picture, as the original found: close-ups
 and green outdoor scenes do better, memes worse:
 
@@ -166,18 +166,20 @@ def _person(pil: Image.Image, rng: np.random.Generator, m: MePost) -> None:
 
 
 def _meme(rng: np.random.Generator, w: int) -> Image.Image:
-    """A quote on a plain or two-tone background: text, no face."""
-    pil = Image.new("RGB", (w, w), _tone(rng, 0, 256))
+    """A quote over a blurred scene, in a band of its own colour: text, no face. The scene and
+    the layout vary, so two posts of the same quote are not near-duplicates of each other."""
+    pil = _scene(rng, w, bool(rng.random() < 0.5)).filter(ImageFilter.GaussianBlur(w / 60))
     d = ImageDraw.Draw(pil)
-    if rng.random() < 0.5:
-        d.rectangle([0, rng.uniform(0.4, 0.7) * w, w, w], fill=_tone(rng, 0, 256))
     words = str(rng.choice(QUOTES)).split()
-    lines = [" ".join(words[i:i + 3]) for i in range(0, len(words), 3)]
-    font = ImageFont.load_default(size=max(10, int(w * rng.uniform(0.07, 0.1))))
+    per_line = int(rng.integers(2, 4))
+    lines = [" ".join(words[i:i + per_line]) for i in range(0, len(words), per_line)]
+    font = ImageFont.load_default(size=max(10, int(w * rng.uniform(0.06, 0.1))))
+    top = rng.uniform(0.05, 0.9 - 0.14 * len(lines)) * w
+    d.rectangle([0, top - 0.04 * w, w, top + font.size * 1.3 * len(lines) + 0.04 * w], fill=_tone(rng, 0, 256))
     ink = (255, 255, 255) if rng.random() < 0.5 else (15, 15, 15)
-    y = rng.uniform(0.15, 0.35) * w
+    y = top
     for line in lines:
-        d.text((rng.uniform(0.05, 0.15) * w, y), line.upper(), fill=ink, font=font)
+        d.text((rng.uniform(0.04, 0.2) * w, y), line.upper(), fill=ink, font=font)
         y += font.size * 1.3
     return pil
 

@@ -138,3 +138,14 @@ def test_cities_dataset_carries_the_topic_target(spark, topics):
             else:
                 assert row.topics is None
     assert n > 50 and with_topics > 0.8 * n
+
+
+def test_corpus_length_comes_from_parquet_footers(spark, topics):
+    from sparkml.topics import ParquetCorpus
+
+    lake, _, _ = topics
+    uri = f"{lake.table('bow')}/split=train"
+    corpus = ParquetCorpus(uri)
+    n = spark.read.parquet(uri).count()
+    assert len(corpus) == n == sum(1 for _ in corpus) > 50
+    assert len(ParquetCorpus(uri, limit=7)) == 7 == len(list(ParquetCorpus(uri, limit=7)))
