@@ -7,7 +7,7 @@ images ("memes") are text in a coloured band over a blurred scene, with no face.
 followers) carries a planted, learnable link to the picture, as the original found: close-ups
 and green outdoor scenes do better, memes worse:
 
-    ratio = 0.045 * (1.8 if close-up) * (1.6 if green outdoors) * (0.5 if meme) * lognormal(0, 0.35)
+    ratio = 0.03 * (1.8 if close-up) * (1.6 if green outdoors) * (0.5 if meme) * lognormal(0, 0.35)
 
 Everything is deterministic from the sample seed; the ground truth records, per post, its kind,
 the face box in the image's pixels and the ratio factors.
@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 AS_OF = datetime(2018, 1, 1, tzinfo=timezone.utc)  # "now" for the sample's post ages
 ME_DIR = "me"
-BASE_RATIO = 0.045
+BASE_RATIO = 0.03
 CLOSE_UP, GREEN, MEME = 1.8, 1.6, 0.5
 MEME_SHARE = 0.12
 SKIN = ((255, 224, 196), (234, 192, 160), (198, 144, 110), (141, 85, 54), (241, 194, 125), (224, 172, 105))
@@ -97,7 +97,7 @@ def plan_me(n: int, seed: int, size: int) -> list[MePost]:
             box, appeal = None, MEME
         else:
             fw = rng.uniform(0.28, 0.4) * size if close else rng.uniform(0.13, 0.2) * size
-            cx, cy = rng.uniform(0.35, 0.65) * size, rng.uniform(0.32, 0.5) * size
+            cx, cy = rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.5) * size
             box = (float(cx - fw / 2), float(cy - fw * 0.55), float(fw), float(fw * 1.1))
             appeal = (CLOSE_UP if close else 1.0) * (GREEN if green else 1.0)
         u = int(rng.integers(0, n_users))
@@ -121,10 +121,13 @@ def _tone(rng: np.random.Generator, lo: int, hi: int) -> tuple[int, int, int]:
 
 
 def _scene(rng: np.random.Generator, w: int, green: bool) -> Image.Image:
-    if not green:  # a room: a wall with furniture and frames
-        pil = Image.new("RGB", (w, w), _tone(rng, 110, 230))
+    if not green:  # a room: a wall lit from one side, furniture and frames
+        wall = np.array(_tone(rng, 110, 230), np.float32)
+        light = np.linspace(rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0), w, dtype=np.float32)
+        light = light[None, :, None] if rng.random() < 0.5 else light[:, None, None]
+        pil = Image.fromarray(np.broadcast_to(wall * light, (w, w, 3)).clip(0, 255).astype(np.uint8))
         d = ImageDraw.Draw(pil)
-        for _ in range(int(rng.integers(3, 8))):
+        for _ in range(int(rng.integers(4, 10))):
             x, y = rng.uniform(0, w, 2)
             sx, sy = rng.uniform(0.1, 0.45, 2) * w
             d.rectangle([x, y, x + sx, y + sy], fill=_tone(rng, 30, 220))
@@ -151,9 +154,10 @@ def _person(pil: Image.Image, rng: np.random.Generator, m: MePost) -> None:
     cx, cy = x + fw / 2, y + fh / 2
     w = pil.width
     d = ImageDraw.Draw(pil)
-    d.polygon([(cx - 1.6 * fw, w), (cx - 1.1 * fw, cy + 0.9 * fw), (cx + 1.1 * fw, cy + 0.9 * fw), (cx + 1.6 * fw, w)],
-              fill=_tone(rng, 0, 256))
-    d.ellipse([cx - 0.62 * fw, cy - 0.78 * fw, cx + 0.62 * fw, cy + 0.55 * fw], fill=_tone(rng, 10, 90))
+    shoulders, hair = rng.uniform(1.2, 2.0), rng.uniform(0.56, 0.75)
+    d.polygon([(cx - shoulders * fw, w), (cx - 1.1 * fw, cy + 0.9 * fw), (cx + 1.1 * fw, cy + 0.9 * fw),
+               (cx + shoulders * fw, w)], fill=_tone(rng, 0, 256))
+    d.ellipse([cx - hair * fw, cy - (hair + 0.16) * fw, cx + hair * fw, cy + 0.55 * fw], fill=_tone(rng, 10, 90))
     g = cv2.resize(_faces()[m.face].astype(np.float32), (round(fw), round(fh)), interpolation=cv2.INTER_CUBIC)
     if m.flip:
         g = g[:, ::-1]
