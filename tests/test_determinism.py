@@ -11,7 +11,7 @@ import pytest
 
 from sparkml.lake import Lake
 from sparkml.sample import MANIFEST
-from sparkml.schemas import TABLES
+from sparkml.schemas import SPLITS, TABLES
 from tests.conftest import ROOT, run_job
 
 STAGES = ("ingest", "prepare_images", "dedup", "train_lda", "infer_topics", "build_dataset")
@@ -52,7 +52,7 @@ def test_two_runs_with_other_parallelism_write_identical_tables(spark, sample, t
         compared.append(name)
     for stage in ("ingest", "prepare_images", "train_lda", "build_dataset_cities"):
         assert _rows(spark, la.rejected(stage)) == _rows(spark, lb.rejected(stage)), stage
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         assert _rows(spark, f"{la.dataset('cities')}/{split}") == _rows(spark, f"{lb.dataset('cities')}/{split}")
     model = "lda.model.expElogbeta.npy"
     assert (Path(la.model("lda")[len("file://"):]) / model).read_bytes() == \

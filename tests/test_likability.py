@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sparkml.lake import read_summary
+from sparkml.schemas import SPLITS
 from tests.conftest import planted, rejects_by_reason, run_job
 
 
@@ -65,7 +66,7 @@ def test_likability_dataset_round_trips(spark, labelled):
     assert s["output_rows"] == len(images & set(labels.index)) and s["rejected"] == {
         "no_label": len(images - set(labels.index))}
     seen = 0
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         with make_reader(f"{root}/{split}", num_epochs=1, workers_count=2) as reader:
             for row in reader:
                 assert row.image.shape == (300, 300, 3) and row.label == labels.label[row.post_id]
@@ -113,7 +114,7 @@ def test_likability_dataset_holds_the_selfies(spark, labelled):
                    "--set", "dataset.name=likability_selfies", "--set", "dataset.ranks=2") == 0
     root = lake.dataset("likability_selfies")
     s = read_summary(spark, root)
-    rows = spark.read.parquet(*[f"{root}/{split}" for split in ("train", "val", "test")]).select(
+    rows = spark.read.parquet(*[f"{root}/{split}" for split in SPLITS]).select(
         "post_id", "label").toPandas().set_index("post_id")
     dups = set(spark.read.parquet(lake.table("duplicates")).toPandas().post_id)
     rejected = rejects_by_reason(spark, lake, "filter_followers")

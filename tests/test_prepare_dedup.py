@@ -3,9 +3,10 @@ import pandas as pd
 import pytest
 
 from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
-from sparkml.phash import hamming
 from sparkml.lake import read_summary
+from sparkml.phash import hamming
 from sparkml.sample import MANIFEST
+from sparkml.schemas import SPLITS
 from tests.conftest import ROOT, planted, rejects_by_reason, run_job
 
 
@@ -115,7 +116,7 @@ def test_petastorm_dataset_round_trips(spark, prepared):
     assert sum(s["splits"].values()) == unique and s["splits"]["train"] > s["splits"]["test"] > 0
     labels = json.loads(open(root[len("file://"):] + "/labels.json").read())
     seen = {}
-    for split in ("train", "val", "test"):
+    for split in SPLITS:
         with make_reader(f"{root}/{split}", num_epochs=1, workers_count=2) as reader:
             for row in reader:
                 assert row.image.shape == (300, 300, 3) and row.image.dtype == np.uint8
