@@ -52,9 +52,11 @@ def _order_key(col: str = "post_id"):
     return [F.length(col), F.col(col)]
 
 
-def _hashes(df: DataFrame) -> DataFrame:
-    """post_id, h (array: the whole image's 64-bit pHash, then each zoom's), v (the 256-bit ones)."""
-    return df.select("post_id", F.concat(F.array("phash"), "zoom_phash").alias("h"), F.col("phash256").alias("v"))
+def _hashes(df: DataFrame, *keep) -> DataFrame:
+    """post_id, h (array: the whole image's 64-bit pHash, then each zoom's), v (the 256-bit ones)
+    and the `keep` columns."""
+    return df.select("post_id", F.concat(F.array("phash"), "zoom_phash").alias("h"), F.col("phash256").alias("v"),
+                     *keep)
 
 
 def _bits_apart(h1: str, v1: str, level: str, h2: str, v2: str) -> tuple:
@@ -134,11 +136,10 @@ def find_duplicates(spark: SparkSession, images: DataFrame, max_hamming: int, ba
     canon = _components([(r.a, r.b) for r in edges])
     near_map = spark.createDataFrame(list(canon.items()) or [], "rep string, canonical string")
     # Every image maps to its exact group's representative, then to that one's near canonical.
-    mapped = (_hashes(ranked).join(ranked.select("post_id", "sha256", F.col("_first").alias("rep")), "post_id")
+    mapped = (_hashes(ranked, "sha256", F.col("_first").alias("rep"))
               .join(F.broadcast(near_map), "rep", "left")
               .withColumn("canonical_post_id", F.coalesce("canonical", "rep")))
-    canon = _hashes(images).toDF("canonical_post_id", "ch", "cv").join(
-        images.select(F.col("post_id").alias("canonical_post_id"), F.col("sha256").alias("csha")), "canonical_post_id")
+    canon = _hashes(images, "sha256").toDF("canonical_post_id", "ch", "cv", "csha")
     dups = (mapped.where(F.col("post_id") != F.col("canonical_post_id")).join(canon, "canonical_post_id")
             .select("post_id", "canonical_post_id",
                     F.when(F.col("sha256") == F.col("csha"), "exact").otherwise("near").alias("kind"),

@@ -27,8 +27,9 @@ def _halve(arr: np.ndarray) -> np.ndarray:
 
 
 def thumb32(luma: np.ndarray) -> np.ndarray:
-    """The 32x32 float32 luminance thumbnail the perceptual hash is taken from: exact 2x box
-    steps while the side is >= 64 (6x cheaper than one 300 -> 32 area resize), then area."""
+    """A 32x32 float32 luminance thumbnail: exact 2x box steps while the side is >= 64, then
+    area. With `phash` it is the single whole-image hash the pipeline used before the zooms,
+    kept as bench/dedup.py's reference for recall and hashing cost."""
     while min(luma.shape) >= 64:
         luma = _halve(luma)
     return cv2.resize(luma, (32, 32), interpolation=cv2.INTER_AREA).astype(np.float32)
