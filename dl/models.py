@@ -58,10 +58,11 @@ def _checkpoint(uri: str, endpoint: str | None, region: str | None) -> dict:
 
 
 def load_model(name: str, weights: str = "none", num_classes: int | None = None,
-               endpoint: str | None = None, region: str | None = None) -> nn.Module:
-    """A torchvision model in eval mode. weights: 'none' (random init), 'imagenet' (the
-    model's default weight enum, downloaded once into TORCH_HOME) or the URI of a state_dict
-    (local, s3://, gs://; loaded with weights_only=True). num_classes replaces the head."""
+               endpoint: str | None = None, region: str | None = None, seed: int = 0) -> nn.Module:
+    """A torchvision model in eval mode. weights: 'none' (random init from `seed`: the same
+    weights in every worker and on every rerun), 'imagenet' (the model's default weight enum,
+    downloaded once into TORCH_HOME) or the URI of a state_dict (local, s3://, gs://; loaded
+    with weights_only=True). num_classes replaces the head."""
     if name not in model_names():
         raise ModelError(f"unknown model {name!r}: use a torchvision classifier ({', '.join(model_names()[:8])}, ...)")
     if weights == "imagenet":
@@ -74,7 +75,10 @@ def load_model(name: str, weights: str = "none", num_classes: int | None = None,
         if num_classes is not None:
             _replace_head(model, num_classes)
     else:
-        model = torchvision.models.get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = torchvision.models.get_model(name, weights=None,
+                                                 **({"num_classes": num_classes} if num_classes else {}))
         if weights != "none":
             state = _checkpoint(weights, endpoint, region)
             try:

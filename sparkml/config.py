@@ -155,6 +155,20 @@ class Retrieval(Section):
     k: int = Field(20, ge=1, description="images per query in the ranking and the contact sheet")
 
 
+class Features(Section):
+    dataset: str = Field("likability", pattern=r"^[A-Za-z0-9_-]+$",
+                         description="Petastorm dataset under <lake>/datasets/ whose images get features")
+    model: str = Field("alexnet", description="torchvision model name (alexnet, vgg19, resnet50, ...)")
+    weights: str = Field("none", description="none (random init from features.seed: tests and the demo), imagenet "
+                                             "(torchvision's weights; needs internet) or a state_dict URI")
+    seed: int = Field(0, description="seed of the random init when weights is none")
+    layers: list[Literal["fc6", "fc7", "prelogit"]] = Field(
+        ["fc6", "fc7"], min_length=1, description="layers to keep: fc6, fc7 (AlexNet/VGG, after their ReLU) or prelogit")
+    mirror: bool = Field(True, description="also the features of the horizontally mirrored image (the original's "
+                                           "augmentation)")
+    batch_rows: int = Field(64, ge=1, description="images per forward pass (one Arrow batch)")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -172,6 +186,7 @@ class Config(Section):
     faces: Faces = Field(default_factory=Faces)
     lda: Lda = Field(default_factory=Lda)
     retrieval: Retrieval = Field(default_factory=Retrieval)
+    features: Features = Field(default_factory=Features)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

@@ -157,6 +157,18 @@ RETRIEVAL = T.StructType([
 ])
 
 
+FEATURES = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("split", T.StringType(), True),        # the dataset split the image came from
+    T.StructField("label", T.IntegerType(), True),       # the dataset's label, carried over
+    T.StructField("model", T.StringType(), False),       # torchvision model name
+    T.StructField("weights", T.StringType(), False),     # none (random init + seed) | imagenet | checkpoint URI
+    T.StructField("layer", T.StringType(), False),       # fc6 | fc7 | prelogit
+    T.StructField("mirrored", T.BooleanType(), False),   # of the horizontally mirrored image
+    T.StructField("vector", T.ArrayType(T.FloatType(), False), False),
+])
+
+
 def to_arrow(schema: T.StructType) -> pa.Schema:
     """The Arrow schema of a Spark schema (what mapInArrow batches must carry)."""
     from pyspark.sql.pandas.types import to_arrow_schema
@@ -196,5 +208,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("bow", BOW, "train_lda"),
     Table("topics", TOPICS, "infer_topics"),
     Table("retrieval", RETRIEVAL, "retrieve"),
+    Table("features", FEATURES, "extract_features"),
     Table("rejected", REJECTED, "every stage (partition stage=<stage>)"),
 )}

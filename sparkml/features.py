@@ -1,0 +1,136 @@
+"""CNN features of a dataset's images on Spark executors.
+
+    <lake>/datasets/<features.dataset>/{train,val,test} -> <lake>/tables/features
+        one row per image, layer and (with features.mirror) mirroring
+
+The per-batch work is `extract`, a plain function on JPEG bytes that needs torch and
+torchvision only (no Spark): decode, the model's preprocessing for the whole batch, one
+forward pass through the network cut at the highest layer asked for (dl.models), and the
+mirrored images in the same pass. The model is built once per Python worker.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pyarrow as pa
+
+from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
+
+RESULT_ARROW = to_arrow(with_reject(TABLES["features"].schema))
+
+
+@functools.lru_cache(maxsize=2)
+def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
+              endpoint: str | None = None, region: str | None = None):
+    """(FeatureExtractor, Preprocessing) for this worker, built once."""
+    import torch
+
+    from dl.models import FeatureExtractor, load_model, preprocessing
+
+    try:  # one Spark task per spark.task.cpus cores: as many torch threads, no more
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        torch.set_num_threads(ctx.cpus() if ctx is not None else torch.get_num_threads())
+    except ImportError:  # torch alone (a GPU box without Spark)
+        pass
+    net = load_model(model, weights, endpoint=endpoint, region=region, seed=seed)
+    return FeatureExtractor(net, layers).eval(), preprocessing(model, weights)
+
+
+def decode(data: bytes | None) -> np.ndarray | None:
+    """RGB uint8 of a JPEG (or any format OpenCV reads), None when it does not decode."""
+    import cv2
+
+    if not data:
+        return None
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else np.ascontiguousarray(bgr[..., ::-1])
+
+
+def extract(images: list[np.ndarray], model: str, weights: str, layers: tuple[str, ...], mirror: bool,
+            seed: int = 0) -> dict[tuple[str, bool], np.ndarray]:
+    """(layer, mirrored) -> float32 (N, dim) features of N RGB uint8 images."""
+    import torch
+
+    net, pre = extractor(model, weights, tuple(layers), seed)
+    x = pre(np.stack(images) if len({a.shape for a in images}) == 1 else images)
+    if mirror:
+        x = torch.cat([x, torch.flip(x, dims=[3])])
+    with torch.inference_mode():
+        out = net(x)
+    n = len(images)
+    return {(layer, m): out[layer][n * m:n * (m + 1)].float().numpy() for layer in layers
+            for m in ((False, True) if mirror else (False,))}
+
+
+def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple[str, ...], mirror: bool,
+                  seed: int) -> pa.RecordBatch:
+    """post_id, split, label, image (JPEG) -> one row per image, layer and mirroring, or one
+    reject row for an image that does not decode."""
+    ids = batch.column("post_id").to_pylist()
+    splits, labels = batch.column("split").to_pylist(), batch.column("label").to_pylist()
+    pixels = [decode(b) for b in batch.column("image").to_pylist()]
+    ok = [i for i, p in enumerate(pixels) if p is not None]
+    feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed) if ok else {}
+    rows = {k: [] for k in RESULT_ARROW.names}
+
+    def add(i, layer=None, mirrored=None, vector=None, reason=None, detail=None):
+        for k, v in (("post_id", ids[i]), ("split", splits[i]), ("label", labels[i]), ("model", model),
+                     ("weights", weights), ("layer", layer), ("mirrored", mirrored), ("vector", vector),
+                     ("reason", reason), ("detail", detail)):
+            rows[k].append(v)
+
+    for (layer, mirrored), mat in feats.items():
+        for j, i in enumerate(ok):
+            add(i, layer, mirrored, mat[j])
+    for i, p in enumerate(pixels):
+        if p is None:
+            add(i, reason=Reason.CORRUPT_IMAGE.value, detail="the dataset's JPEG did not decode")
+    columns = {k: v for k, v in rows.items() if k != "vector"}
+    vec = pa.array([None if v is None else v.tolist() for v in rows["vector"]], pa.list_(pa.float32()))
+    return pa.RecordBatch.from_arrays([pa.array(columns[k], RESULT_ARROW.field(k).type) if k != "vector" else vec
+                                       for k in RESULT_ARROW.names], schema=RESULT_ARROW)
+
+
+def extract_features(spark, cfg) -> "Summary":
+    """<lake>/datasets/<features.dataset> -> <lake>/tables/features (+ rejects)."""
+    from pyspark.sql import functions as F
+
+    from sparkml import storage
+    from sparkml.config import ConfigError
+    from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, per_record
+    from sparkml.schemas import SPLITS
+
+    f = cfg.features
+    lake = Lake(cfg.lake)
+    root = lake.dataset(f.dataset)
+    if not storage.exists(spark, f"{root}/_SUMMARY.json"):
+        raise IncompleteInput(f"{root} is missing or incomplete: run jobs/build_dataset.py first "
+                              f"(dataset.name={f.dataset})")
+    from dl.models import ModelError
+
+    try:
+        extractor(f.model, f.weights, tuple(f.layers), f.seed, cfg.s3.endpoint, cfg.s3.region)  # fail here, once
+    except ModelError as e:
+        raise ConfigError(f"features: {e}") from None
+    out = lake.table("features")
+    begin_output(spark, out)
+    images = None
+    for split in SPLITS:
+        part = spark.read.parquet(f"{root}/{split}").select("post_id", F.lit(split).alias("split"),
+                                                             F.col("label").cast("int").alias("label"), "image")
+        images = part if images is None else images.unionByName(part)
+    layers, args = tuple(f.layers), (f.model, f.weights, tuple(f.layers), f.mirror, f.seed)
+    with per_record(spark, lake, "extract_features", images, lambda b: extract_batch(b, *args), "features",
+                    f.batch_rows) as (good, rejected):
+        rows = good.count()
+        posts = good.select("post_id").distinct().count()
+        dims = {r["layer"]: int(r["d"]) for r in good.groupBy("layer").agg(F.max(F.size("vector")).alias("d")).collect()}
+    per_image = len(layers) * (2 if f.mirror else 1)
+    return Summary(stage="extract_features", input_rows=images.count(), output_rows=posts, rejected=rejected,
+                   output=out, extra={"rows": rows, "rows_per_image": per_image, "model": f.model,
+                                      "weights": f.weights, "layers": list(layers), "mirror": f.mirror, "dims": dims,
+                                      "dataset": f.dataset})
