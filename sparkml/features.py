@@ -51,11 +51,11 @@ def decode(data: bytes | None) -> np.ndarray | None:
 
 
 def extract(images: list[np.ndarray], model: str, weights: str, layers: tuple[str, ...], mirror: bool,
-            seed: int = 0) -> dict[tuple[str, bool], np.ndarray]:
+            seed: int = 0, endpoint: str | None = None, region: str | None = None) -> dict[tuple[str, bool], np.ndarray]:
     """(layer, mirrored) -> float32 (N, dim) features of N RGB uint8 images."""
     import torch
 
-    net, pre = extractor(model, weights, tuple(layers), seed)
+    net, pre = extractor(model, weights, tuple(layers), seed, endpoint, region)
     x = pre(np.stack(images) if len({a.shape for a in images}) == 1 else images)
     if mirror:
         x = torch.cat([x, torch.flip(x, dims=[3])])
@@ -67,14 +67,14 @@ def extract(images: list[np.ndarray], model: str, weights: str, layers: tuple[st
 
 
 def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple[str, ...], mirror: bool,
-                  seed: int) -> pa.RecordBatch:
+                  seed: int, endpoint: str | None = None, region: str | None = None) -> pa.RecordBatch:
     """post_id, split, label, image (JPEG) -> one row per image, layer and mirroring, or one
     reject row for an image that does not decode."""
     ids = batch.column("post_id").to_pylist()
     splits, labels = batch.column("split").to_pylist(), batch.column("label").to_pylist()
     pixels = [decode(b) for b in batch.column("image").to_pylist()]
     ok = [i for i, p in enumerate(pixels) if p is not None]
-    feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed) if ok else {}
+    feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed, endpoint, region) if ok else {}
     rows = {k: [] for k in RESULT_ARROW.names}
 
     def add(i, layer=None, mirrored=None, vector=None, reason=None, detail=None):
@@ -85,14 +85,11 @@ def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple
 
     for (layer, mirrored), mat in feats.items():
         for j, i in enumerate(ok):
-            add(i, layer, mirrored, mat[j])
+            add(i, layer, mirrored, mat[j].tolist())
     for i, p in enumerate(pixels):
         if p is None:
             add(i, reason=Reason.CORRUPT_IMAGE.value, detail="the dataset's JPEG did not decode")
-    columns = {k: v for k, v in rows.items() if k != "vector"}
-    vec = pa.array([None if v is None else v.tolist() for v in rows["vector"]], pa.list_(pa.float32()))
-    return pa.RecordBatch.from_arrays([pa.array(columns[k], RESULT_ARROW.field(k).type) if k != "vector" else vec
-                                       for k in RESULT_ARROW.names], schema=RESULT_ARROW)
+    return pa.RecordBatch.from_pydict(rows, schema=RESULT_ARROW)
 
 
 def extract_features(spark, cfg) -> "Summary":
@@ -101,7 +98,7 @@ def extract_features(spark, cfg) -> "Summary":
 
     from sparkml import storage
     from sparkml.config import ConfigError
-    from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, per_record
+    from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, per_record, union_all
     from sparkml.schemas import SPLITS
 
     f = cfg.features
@@ -118,17 +115,16 @@ def extract_features(spark, cfg) -> "Summary":
         raise ConfigError(f"features: {e}") from None
     out = lake.table("features")
     begin_output(spark, out)
-    images = None
-    for split in SPLITS:
-        part = spark.read.parquet(f"{root}/{split}").select("post_id", F.lit(split).alias("split"),
-                                                             F.col("label").cast("int").alias("label"), "image")
-        images = part if images is None else images.unionByName(part)
-    layers, args = tuple(f.layers), (f.model, f.weights, tuple(f.layers), f.mirror, f.seed)
+    images = union_all([spark.read.parquet(f"{root}/{split}").select(
+        "post_id", F.lit(split).alias("split"), F.col("label").cast("int").alias("label"), "image") for split in SPLITS])
+    layers = tuple(f.layers)
+    args = (f.model, f.weights, layers, f.mirror, f.seed, cfg.s3.endpoint, cfg.s3.region)
     with per_record(spark, lake, "extract_features", images, lambda b: extract_batch(b, *args), "features",
                     f.batch_rows) as (good, rejected):
-        rows = good.count()
+        per_layer = good.groupBy("layer").agg(F.count("*").alias("n"), F.max(F.size("vector")).alias("d")).collect()
         posts = good.select("post_id").distinct().count()
-        dims = {r["layer"]: int(r["d"]) for r in good.groupBy("layer").agg(F.max(F.size("vector")).alias("d")).collect()}
+    rows = sum(int(r["n"]) for r in per_layer)
+    dims = {r["layer"]: int(r["d"]) for r in per_layer}
     per_image = len(layers) * (2 if f.mirror else 1)
     return Summary(stage="extract_features", input_rows=images.count(), output_rows=posts, rejected=rejected,
                    output=out, extra={"rows": rows, "rows_per_image": per_image, "model": f.model,

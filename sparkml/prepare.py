@@ -27,8 +27,7 @@ def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
     _init_worker()
     results = [prepare_image(b, **options) for b in batch.column("image_bytes").to_pylist()]
     ok = [r for r in results if isinstance(r, Prepared)]
-    h64, h256 = zoom_hashes(np.stack([r.hash_base for r in ok])) if ok else (np.zeros((0, 1)), np.zeros((0, 1)))
-    hashes = iter(zip(h64.tolist(), h256.tolist()))
+    hashes = iter(zip(*(h.tolist() for h in zoom_hashes(np.stack([r.hash_base for r in ok])))) if ok else ())
     per = [next(hashes) if isinstance(r, Prepared) else None for r in results]
 
     def col(attr):

@@ -28,10 +28,10 @@ from pyspark.sql import functions as F
 
 from sparkml import storage
 from sparkml.config import Config, ConfigError
-from sparkml.splits import assign_split
 from sparkml.lake import (IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected,
                           write_table)
 from sparkml.schemas import TABLES, Reason
+from sparkml.splits import assign_split
 from sparkml.text import TOKENS_ARROW, tokens_batch
 
 
