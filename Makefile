@@ -50,13 +50,15 @@ demo: setup
 	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG) --set dataset.labels=likability
 	@echo "AlexNet fc6/fc7 features with random weights (features.weights=none): this shows the pipeline, not ImageNet quality."
 	$(SUBMIT) jobs/extract_features.py --config $(CONFIG)
+	@echo "Likability SVMs on those features; the planted like-ratio signal puts AP above the test split's positive rate."
+	$(SUBMIT) jobs/train_svm.py --config $(CONFIG)
 	@# Caption topic vectors as the image embedding until the GoogLeNet regressor exists (an upper bound).
 	$(SUBMIT) jobs/evaluate_retrieval.py --config $(CONFIG)
 	$(SUBMIT) jobs/retrieve.py --config $(CONFIG) --query "skyline night" --k 20
 	@echo
 	@echo "Demo done. Results are under ./data/lake: tables/ (posts, images, duplicates, bow, topics, likability_labels,"
-	@echo "faces, features, retrieval, rejected), models/lda, datasets/ (cities, likability), reports/ (retrieval_eval/metrics.md,"
-	@echo "retrieval/*.png); each output has a _SUMMARY.json."
+	@echo "faces, features, retrieval, rejected), models/ (lda, likability_svm), datasets/ (cities, likability), reports/"
+	@echo "(likability_svm/metrics.md, retrieval_eval/metrics.md, retrieval/*.png); each output has a _SUMMARY.json."
 
 test: setup jars
 	$(BIN)/python -m pytest

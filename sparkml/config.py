@@ -169,6 +169,33 @@ class Features(Section):
     batch_rows: int = Field(64, ge=1, description="images per forward pass (one Arrow batch)")
 
 
+class Svm(Section):
+    layers: list[Literal["fc6", "fc7", "prelogit"]] = Field(
+        ["fc6", "fc7"], min_length=1, description="feature layers to train on (rows of the features table)")
+    search: Literal["crossval", "trainval"] = Field(
+        "crossval", description="crossval: Spark CrossValidator over svm.folds folds by post_id (an image and its mirror "
+                                "stay in one fold); trainval: TrainValidationSplit (splits rows at random, so a mirrored "
+                                "copy can land on the other side)")
+    folds: int = Field(3, ge=2, description="cross-validation folds (Spark, MLlib and scikit-learn share them)")
+    train_ratio: float = Field(0.75, gt=0, lt=1, description="trainval: fraction of the training rows fit on")
+    c_grid: list[float] = Field(
+        [10.0 ** e for e in range(-6, 6)], min_length=1,
+        description="SVM C values (the original's 1e-6..1e5); Spark's regParam = 1 / (C n), n training rows")
+    max_iter: int = Field(100, ge=1, description="Spark LinearSVC maxIter")
+    tol: float = Field(1e-4, gt=0, description="Spark LinearSVC convergence tolerance")
+    parallelism: int = Field(4, ge=1, description="models fit at a time (CrossValidator parallelism, MLlib and "
+                                                  "scikit-learn grid points)")
+    sgd_reg_params: list[float] = Field([1e-5, 1e-4, 1e-3, 1e-2], min_length=1,
+                                        description="MLlib SVMWithSGD regParam grid (the original's best: 1e-4)")
+    sgd_steps: list[float] = Field([0.1, 1.0], min_length=1, description="MLlib SVMWithSGD step grid (best: 1)")
+    sgd_iterations: int = Field(100, ge=1, description="MLlib SVMWithSGD iterations")
+    driver_max_rows: int = Field(100_000, ge=0, description="scikit-learn baselines run on the driver when the training "
+                                                             "rows are at most this many (else skipped, said in the report)")
+    sklearn_max_iter: int = Field(10_000, ge=1, description="scikit-learn LinearSVC max_iter")
+    rf_trees: int = Field(500, ge=1, description="RandomForestClassifier n_estimators (the original: 500)")
+    seed: int = Field(0, description="seed of the folds, the splits and the random forest")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -187,6 +214,7 @@ class Config(Section):
     lda: Lda = Field(default_factory=Lda)
     retrieval: Retrieval = Field(default_factory=Retrieval)
     features: Features = Field(default_factory=Features)
+    svm: Svm = Field(default_factory=Svm)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

@@ -1,6 +1,7 @@
 """filter_followers -> detect_faces -> build_dataset (likability) on the generated sample."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,7 +134,18 @@ def test_likability_dataset_holds_the_selfies(spark, labelled):
         assert on - off > 0.2, factor
 
 
-def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, labelled):
+@pytest.fixture(scope="module")
+def featured(spark, labelled):
+    """A likability dataset 'liked' (default face filter) and its fc6/fc7 features, also mirrored."""
+    lake, truth = labelled
+    args = ["--set", f"lake={lake.root}", "--set", "dataset.labels=likability", "--set", "dataset.name=liked",
+            "--set", "dataset.ranks=1"]
+    assert run_job("build_dataset", *args) == 0
+    assert run_job("extract_features", *args, "--set", "features.dataset=liked", "--set", "features.batch_rows=16") == 0
+    return lake, truth
+
+
+def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, featured):
     """Every image of the dataset gets fc6 and fc7, also mirrored; each vector equals the one a
     plain loop computes (PIL decode, torchvision's own transform, the network layer by layer)
     to within cosine 0.999 and 2% of its norm (the two decoders and resizers differ by a grey
@@ -146,11 +158,7 @@ def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, labe
 
     from dl.models import load_model
 
-    lake, truth = labelled
-    args = ["--set", f"lake={lake.root}", "--set", "dataset.labels=likability", "--set", "dataset.name=liked",
-            "--set", "dataset.ranks=1"]
-    assert run_job("build_dataset", *args) == 0
-    assert run_job("extract_features", *args, "--set", "features.dataset=liked", "--set", "features.batch_rows=16") == 0
+    lake, _ = featured
     s = read_summary(spark, lake.table("features"))
     feats = spark.read.parquet(lake.table("features")).toPandas()
     images = spark.read.parquet(*[f"{lake.dataset('liked')}/{sp}" for sp in SPLITS]).toPandas().set_index("post_id")
@@ -175,3 +183,64 @@ def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, labe
                 got = np.asarray(got)
                 cos = got @ w / (np.linalg.norm(got) * np.linalg.norm(w))
                 assert got.shape == (4096,) and cos > 0.999 and np.linalg.norm(got - w) < 0.02 * np.linalg.norm(w)
+
+
+SVM_SETS = ["--set", "svm.layers=[fc7]", "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]",
+            "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=50"]
+
+
+def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark, featured):
+    """Every algorithm gets a row per variant, sized as the dataset's splits; the positive rate
+    is the test split's; the published figures stand beside ours; each saved PipelineModel
+    reloads and gives its reported AP again. (Spark vs scikit-learn agreement: tests/test_svm.py,
+    on a test split large enough to measure it.)"""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+    from sklearn.metrics import average_precision_score
+
+    lake, _ = featured
+    assert run_job("train_svm", "--set", f"lake={lake.root}", *SVM_SETS) == 0
+    root = lake.dataset("liked")
+    data = {sp: spark.read.parquet(f"{root}/{sp}").select("post_id", "label").toPandas() for sp in SPLITS}
+    n_train = len(data["train"]) + len(data["val"])
+    report = json.loads((Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.json").read_text())
+    got = {(r["algorithm"], r["variant"]): r for r in report["results"]}
+    assert set(got) == {(a, v) for a in ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest")
+                        for v in ("normal", "flipped+normal")} | {("mllib_svmwithsgd", "normal")}
+    for (algo, variant), r in got.items():
+        assert r["test_rows"] == len(data["test"]) and r["layer"] == "fc7"
+        assert r["train_rows"] == n_train * (2 if variant == "flipped+normal" else 1), (algo, variant)
+        assert 0 < r["test_ap"] <= 1 and 0 < r["test_area_under_pr"] <= 1
+    assert report["test_positive_rate"]["fc7"] == pytest.approx(data["test"].label.mean())
+    for variant in ("normal", "flipped+normal"):
+        assert got[("spark_linearsvc", variant)]["params"]["regParam"] == pytest.approx(1 / (0.0001 * n_train * (
+            2 if variant == "flipped+normal" else 1)))
+    md = (Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.md").read_text()
+    assert "0.599" in md and "0.600" in md and "MLlib SVMWithSGD" in md  # the published figures beside ours
+
+    summary = read_summary(spark, lake.model("likability_svm"))
+    assert summary["balanced"] and summary["input_rows"] == sum(len(d) for d in data.values())
+    assert summary["best"]["model"] in summary["models"].values() and len(summary["models"]) == 2
+    feats = spark.read.parquet(lake.table("features")).where("layer = 'fc7' and not mirrored and split = 'test'")
+    for name, path in summary["models"].items():
+        model = PipelineModel.load(path)
+        scored = model.transform(feats.withColumn("features", array_to_vector("vector"))).select(
+            F.col("label").cast("int").alias("label"), vector_to_array("rawPrediction")[1].alias("s")).toPandas()
+        variant = "flipped+normal" if name.endswith("flipped_normal") else "normal"
+        assert average_precision_score(scored.label, scored.s) == pytest.approx(got[("spark_linearsvc", variant)]["test_ap"])
+
+
+def test_svm_with_one_class_in_training_is_a_clear_error(spark, featured, tmp_path, capsys):
+    from pyspark.sql import functions as F
+
+    from sparkml.lake import Lake
+
+    lake, _ = featured
+    bad = Lake(str(tmp_path / "lake"))
+    spark.read.parquet(lake.table("features")).withColumn(
+        "label", F.when(F.col("split") == "test", F.col("label")).otherwise(F.lit(1))).write.parquet(bad.table("features"))
+    (tmp_path / "lake" / "tables" / "features" / "_SUMMARY.json").write_text("{}")
+    capsys.readouterr()
+    assert run_job("train_svm", "--set", f"lake={bad.root}", *SVM_SETS) == 2
+    assert "one class only" in capsys.readouterr().err

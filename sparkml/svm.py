@@ -1,0 +1,380 @@
+"""The likability classifiers on CNN features (experiment 3): Spark ML LinearSVC, tuned by
+CrossValidator, against the original's MLlib SVMWithSGD and scikit-learn baselines.
+
+    <lake>/tables/features -> <lake>/reports/likability_svm/metrics.{json,md}
+                              <lake>/models/likability_svm/<layer>_<variant>/  (Spark ML PipelineModel)
+
+For each layer and each variant, `normal` (train on the features of the images) and
+`flipped+normal` (also on those of their mirrored copies, the original's augmentation):
+
+- Spark ML: Pipeline(StandardScaler, LinearSVC), CrossValidator over regParam with k folds
+  by post_id (an image and its mirror are always in the same fold) and `parallelism`
+  models at a time, metric areaUnderPR; or TrainValidationSplit (svm.search=trainval).
+- MLlib SVMWithSGD over regParam x step, on the same folds (normal variant, for parity).
+- scikit-learn LinearSVC over the same C grid (GridSearchCV on the same folds) and
+  RandomForestClassifier(500 trees), on the driver, when the training rows fit under
+  svm.driver_max_rows.
+
+Training uses the train and val splits; every figure is measured on the test split's normal
+(unmirrored) images. C and regParam: scikit-learn's hinge-loss LinearSVC minimises
+0.5 |w|^2 + C sum(hinge) and Spark's LinearSVC (1/n) sum(hinge) + 0.5 regParam |w|^2, the
+same objective when regParam = 1 / (C n), n the training rows (`reg_param`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from sparkml.lake import IncompleteInput
+
+VARIANTS = ("normal", "flipped+normal")
+ALGORITHMS = ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest", "mllib_svmwithsgd")
+TITLES = {"spark_linearsvc": "Spark ML LinearSVC", "sklearn_linearsvc": "sklearn LinearSVC",
+          "sklearn_random_forest": "sklearn RandomForest", "mllib_svmwithsgd": "MLlib SVMWithSGD"}
+# Average precision on the test split, as published (the original had no Spark ML column).
+PUBLISHED = {
+    ("fc7", "sklearn_linearsvc", "flipped+normal"): 0.599, ("fc7", "sklearn_linearsvc", "normal"): 0.597,
+    ("fc7", "sklearn_random_forest", "flipped+normal"): 0.587, ("fc7", "sklearn_random_forest", "normal"): 0.579,
+    ("fc7", "mllib_svmwithsgd", "normal"): 0.600,
+    ("fc6", "sklearn_linearsvc", "flipped+normal"): 0.587, ("fc6", "sklearn_linearsvc", "normal"): 0.603,
+    ("fc6", "sklearn_random_forest", "flipped+normal"): 0.578, ("fc6", "sklearn_random_forest", "normal"): 0.579,
+    ("fc6", "mllib_svmwithsgd", "normal"): 0.598,
+}
+MODEL = "likability_svm"
+# pyspark.mllib's evaluation classes still build an SQLContext and warn about it on every call.
+warnings.filterwarnings("ignore", message="Deprecated in 3.0.0", category=FutureWarning)
+PARTITION_BYTES = 64 << 20  # training rows per partition: a few aggregation tasks per iteration, not thousands
+
+
+class UnusableInput(IncompleteInput):
+    """The input exists but cannot train or test a classifier (one class only, no test rows)."""
+
+
+def reg_param(c: float, n: int) -> float:
+    """Spark's regParam for scikit-learn's C on n training rows (the same hinge-loss objective)."""
+    return 1.0 / (c * n)
+
+
+def model_dir(layer: str, variant: str) -> str:
+    return f"{layer}_{variant.replace('+', '_')}"
+
+
+def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """scikit-learn's average precision: sum over ranks of (R_n - R_(n-1)) P_n, no interpolation."""
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(labels, scores))
+
+
+def area_under_pr(spark, labels: np.ndarray, scores: np.ndarray) -> float:
+    """Spark's areaUnderPR (BinaryClassificationEvaluator): the PR curve through every distinct
+    score, integrated by the trapezoid rule from (recall 0, precision of the top score)."""
+    from pyspark.mllib.evaluation import BinaryClassificationMetrics
+
+    pairs = spark.sparkContext.parallelize(list(zip(scores.astype(float).tolist(), labels.astype(float).tolist())), 1)
+    return float(BinaryClassificationMetrics(pairs).areaUnderPR)
+
+
+def _arrays(df) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """(X float32 (n, d), y, fold, post_ids) of a frame with vector, label, fold, post_id."""
+    pdf = df.select("post_id", "label", "fold", "vector").toPandas()
+    x = np.stack(pdf.vector.to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 0), np.float32)
+    return x, pdf.label.to_numpy().astype(int), pdf.fold.to_numpy().astype(int), pdf.post_id.tolist()
+
+
+def _scored(spark, name, layer, variant, params, validation, labels, scores, train_rows, seconds, **extra) -> dict:
+    return {"algorithm": name, "layer": layer, "variant": variant, "params": params,
+            "validation_metric": validation, "test_ap": average_precision(labels, scores),
+            "test_area_under_pr": area_under_pr(spark, labels, scores), "train_rows": train_rows,
+            "test_rows": int(len(labels)), "seconds": round(seconds, 2), **extra}
+
+
+# ---------------------------------------------------------------- Spark ML
+
+def spark_linear_svc(s, train, n: int, path: str) -> tuple[dict, object]:
+    """Pipeline(StandardScaler, LinearSVC) tuned over s.c_grid; the best model refit on all
+    training rows, saved at path. Returns (chosen params + validation metric, PipelineModel)."""
+    from pyspark.ml import Pipeline
+    from pyspark.ml.classification import LinearSVC
+    from pyspark.ml.evaluation import BinaryClassificationEvaluator
+    from pyspark.ml.feature import StandardScaler
+    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
+
+    svc = LinearSVC(featuresCol="scaled", labelCol="label", maxIter=s.max_iter, tol=s.tol,
+                    standardization=False)  # the pipeline's scaler already standardised
+    pipe = Pipeline(stages=[StandardScaler(inputCol="features", outputCol="scaled", withMean=True, withStd=True), svc])
+    grid = ParamGridBuilder().addGrid(svc.regParam, [reg_param(c, n) for c in s.c_grid]).build()
+    evaluator = BinaryClassificationEvaluator(labelCol="label", rawPredictionCol="rawPrediction",
+                                              metricName="areaUnderPR")
+    if s.search == "crossval":
+        tuner = CrossValidator(estimator=pipe, estimatorParamMaps=grid, evaluator=evaluator, foldCol="fold",
+                               parallelism=s.parallelism, seed=s.seed)
+    else:
+        tuner = TrainValidationSplit(estimator=pipe, estimatorParamMaps=grid, evaluator=evaluator,
+                                     trainRatio=s.train_ratio, parallelism=s.parallelism, seed=s.seed)
+    fitted = tuner.fit(train)
+    metrics = fitted.avgMetrics if s.search == "crossval" else fitted.validationMetrics
+    best = int(np.argmax(metrics))
+    model = fitted.bestModel
+    model.write().overwrite().save(path)
+    return {"C": s.c_grid[best], "regParam": reg_param(s.c_grid[best], n), "validation": float(metrics[best]),
+            "iterations": model.stages[-1].summary().totalIterations if model.stages[-1].hasSummary else None}, model
+
+
+def spark_scores(model, test) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, LinearSVC margins) of the test rows."""
+    from pyspark.ml.functions import vector_to_array
+
+    pdf = model.transform(test).select("label", vector_to_array("rawPrediction")[1].alias("score")).toPandas()
+    return pdf.label.to_numpy().astype(int), pdf.score.to_numpy()
+
+
+# ---------------------------------------------------------------- MLlib (the original's)
+
+def _points(df):
+    from pyspark.mllib.linalg import Vectors
+    from pyspark.mllib.regression import LabeledPoint
+
+    return df.select("label", "fold", "scaled").rdd.map(
+        lambda r: (int(r.fold), LabeledPoint(float(r.label), Vectors.dense(r.scaled.toArray()))))
+
+
+def mllib_sgd(spark, s, train, test) -> dict:
+    """SVMWithSGD over s.sgd_reg_params x s.sgd_steps, chosen by mean areaUnderPR over the
+    folds (several trainings at a time), refit on all training rows; scored on the test rows.
+    The features are standardised as for Spark ML (the original gave it raw activations)."""
+    from pyspark.ml.feature import StandardScaler
+    from pyspark.mllib.classification import SVMWithSGD
+    from pyspark.mllib.evaluation import BinaryClassificationMetrics
+
+    t0 = time.perf_counter()
+    scaler = StandardScaler(inputCol="features", outputCol="scaled", withMean=True, withStd=True).fit(train)
+    points = _points(scaler.transform(train)).persist()
+    folds = sorted(points.map(lambda p: p[0]).distinct().collect())
+
+    def fit(data, reg, step):
+        m = SVMWithSGD.train(data.map(lambda p: p[1]), iterations=s.sgd_iterations, step=step, regParam=reg,
+                             intercept=True)
+        m.clearThreshold()
+        return m
+
+    def validate(job):
+        reg, step, f = job
+        m = fit(points.filter(lambda p, f=f: p[0] != f), reg, step)
+        pairs = points.filter(lambda p, f=f: p[0] == f).map(lambda p: (float(m.predict(p[1].features)), p[1].label))
+        return BinaryClassificationMetrics(pairs).areaUnderPR
+
+    grid = [(r, st) for r in s.sgd_reg_params for st in s.sgd_steps]
+    jobs = [(r, st, f) for r, st in grid for f in folds]
+    with ThreadPoolExecutor(s.parallelism) as pool:
+        got = list(pool.map(validate, jobs))
+    mean = {g: float(np.mean([m for j, m in zip(jobs, got) if j[:2] == g])) for g in grid}
+    reg, step = max(grid, key=lambda g: (mean[g], -grid.index(g)))
+    model = fit(points, reg, step)
+    scored = _points(scaler.transform(test)).map(lambda p: (float(model.predict(p[1].features)), p[1].label)).collect()
+    points.unpersist()
+    scores, labels = np.array([a for a, _ in scored]), np.array([b for _, b in scored]).astype(int)
+    return {"params": {"regParam": reg, "step": step, "iterations": s.sgd_iterations}, "validation": mean[(reg, step)],
+            "labels": labels, "scores": scores, "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- scikit-learn, on the driver
+
+def sklearn_linear_svc(s, x, y, fold) -> tuple[dict, object]:
+    """StandardScaler + hinge-loss LinearSVC over s.c_grid, GridSearchCV on the given folds
+    (PredefinedSplit), metric average precision; refit on all rows."""
+    from joblib import parallel_config
+    from sklearn.model_selection import GridSearchCV, PredefinedSplit
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import LinearSVC
+
+    # hinge loss and an all but unpenalised intercept (liblinear penalises the intercept as a
+    # weight on a constant feature of value intercept_scaling): Spark's LinearSVC objective.
+    pipe = make_pipeline(StandardScaler(), LinearSVC(loss="hinge", dual=True, intercept_scaling=100,
+                                                     max_iter=s.sklearn_max_iter, random_state=s.seed))
+    search = GridSearchCV(pipe, {"linearsvc__C": list(s.c_grid)}, scoring="average_precision",
+                          cv=PredefinedSplit(fold), n_jobs=s.parallelism, refit=True)
+    with parallel_config(backend="threading"):  # liblinear releases the GIL; no copies of X
+        search.fit(x, y)
+    return {"C": search.best_params_["linearsvc__C"], "validation": float(search.best_score_)}, search.best_estimator_
+
+
+def sklearn_forest(s, x, y) -> object:
+    from sklearn.ensemble import RandomForestClassifier
+
+    return RandomForestClassifier(n_estimators=s.rf_trees, n_jobs=-1, random_state=s.seed).fit(x, y)
+
+
+# ---------------------------------------------------------------- the job
+
+def _features(spark, cfg):
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from sparkml.lake import Lake, read_table
+
+    s = cfg.svm
+    feats = read_table(spark, Lake(cfg.lake), "features")
+    present = {r["layer"] for r in feats.select("layer").distinct().collect()}
+    missing = [l for l in s.layers if l not in present]
+    if missing:
+        raise UnusableInput(f"the features table has no {', '.join(missing)} rows (it has {sorted(present)}): run "
+                            f"jobs/extract_features.py with features.layers including them, or set svm.layers")
+    fold = F.pmod(F.xxhash64("post_id", F.lit(s.seed)), F.lit(s.folds)).cast("int")
+    return feats.where(F.col("layer").isin(list(s.layers))).select(
+        "post_id", "split", "model", "weights", "layer", "mirrored", F.col("label").cast("double").alias("label"), "vector",
+        array_to_vector("vector").alias("features"), fold.alias("fold"))
+
+
+def _check(counts: dict, layer: str) -> None:
+    """Both classes in the training rows and a labelled test split, else a clear error."""
+    train = {k[2]: v for k, v in counts.items() if k[0] == layer and k[1] and k[3] is False}
+    test = {k[2]: v for k, v in counts.items() if k[0] == layer and not k[1] and k[3] is False}
+    if len([c for c in (0.0, 1.0) if train.get(c)]) < 2:
+        raise UnusableInput(f"{layer}: the training rows (train + val splits) hold one class only "
+                            f"({ {int(k): v for k, v in train.items()} }): a classifier needs good and bad images; "
+                            "check the likability labels and the face filter")
+    if not sum(test.values()):
+        raise UnusableInput(f"{layer}: the test split has no images: average precision needs held-out images "
+                            "(dataset.train + dataset.val < 1)")
+
+
+def train_svm(spark, cfg):
+    """features -> the AP table (reports/likability_svm) and the Spark models (models/likability_svm)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from sparkml import storage
+    from sparkml.lake import Lake, Summary, begin_output
+
+    s = cfg.svm
+    lake = Lake(cfg.lake)
+    report, models = lake.report(MODEL), lake.model(MODEL)
+    begin_output(spark, models)
+    begin_output(spark, report)
+    feats = _features(spark, cfg)
+    is_train = F.col("split") != "test"
+    counts = {(r["layer"], r["train"], r["label"], r["mirrored"]): int(r["count"]) for r in
+              feats.groupBy("layer", is_train.alias("train"), "label", "mirrored").count().collect()}
+    for layer in s.layers:
+        _check(counts, layer)
+    mirrored = any(k[3] for k in counts)
+    variants = VARIANTS if mirrored else VARIANTS[:1]
+    dim = len(feats.select("vector").first()["vector"])
+    results, skipped = [], []
+    for layer in s.layers:
+        test = feats.where(~is_train & (F.col("layer") == layer) & ~F.col("mirrored")).persist(StorageLevel.MEMORY_AND_DISK)
+        for variant in variants:
+            rows = feats.where(is_train & (F.col("layer") == layer))
+            if variant == "normal":
+                rows = rows.where(~F.col("mirrored"))
+            n = sum(v for k, v in counts.items() if k[0] == layer and k[1] and (variant != "normal" or not k[3]))
+            train = rows.repartition(max(1, math.ceil(n * dim * 8 / PARTITION_BYTES))).persist(
+                StorageLevel.MEMORY_AND_DISK)
+            t0 = time.perf_counter()
+            params, model = spark_linear_svc(s, train, n, f"{models}/{model_dir(layer, variant)}")
+            labels, scores = spark_scores(model, test)
+            results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
+                                   scores, n, time.perf_counter() - t0, model=f"{models}/{model_dir(layer, variant)}"))
+            if variant == "normal":
+                got = mllib_sgd(spark, s, train, test)
+                results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
+                                       got["labels"], got["scores"], n, got["seconds"]))
+            if n <= s.driver_max_rows:
+                x, y, fold, _ = _arrays(train)
+                xt, yt, _, _ = _arrays(test)
+                t0 = time.perf_counter()
+                params, svc = sklearn_linear_svc(s, x, y, fold)
+                results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
+                                       params["validation"], yt, svc.decision_function(xt), n,
+                                       time.perf_counter() - t0))
+                t0 = time.perf_counter()
+                forest = sklearn_forest(s, x, y)
+                results.append(_scored(spark, "sklearn_random_forest", layer, variant,
+                                       {"n_estimators": s.rf_trees}, None, yt, forest.predict_proba(xt)[:, 1], n,
+                                       time.perf_counter() - t0))
+            else:
+                skipped += [{"algorithm": a, "layer": layer, "variant": variant,
+                             "why": f"{n} training rows > svm.driver_max_rows={s.driver_max_rows}"}
+                            for a in ("sklearn_linearsvc", "sklearn_random_forest")]
+            train.unpersist()
+        test.unpersist()
+
+    spark_results = [r for r in results if r["algorithm"] == "spark_linearsvc"]
+    best = max(spark_results, key=lambda r: r["validation_metric"])  # chosen on validation, never on test
+    test_rows = {r["layer"]: r["test_rows"] for r in spark_results}
+    positive_rate = {layer: counts.get((layer, False, 1.0, False), 0) / test_rows[layer] for layer in s.layers}
+    body = {"results": results, "skipped": skipped, "published": [
+        {"layer": k[0], "algorithm": k[1], "variant": k[2], "test_ap": v} for k, v in PUBLISHED.items()],
+        "test_positive_rate": positive_rate, "search": s.search, "folds": s.folds, "c_grid": list(s.c_grid),
+        "best": {k: best[k] for k in ("layer", "variant", "model", "params", "validation_metric", "test_ap")},
+        "features": _provenance(feats), "variants": list(variants), "rf_trees": s.rf_trees}
+    md = markdown(body)
+    storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1, default=float).encode())
+    storage.write_bytes(spark, f"{report}/metrics.md", md.encode())
+    print(md)
+    images = sum(v for k, v in counts.items() if k[0] == s.layers[0] and not k[3])
+    extra = {"report": report, "best": body["best"], "features": body["features"], "layers": list(s.layers),
+             "models": {model_dir(r["layer"], r["variant"]): r["model"] for r in spark_results},
+             "test_positive_rate": positive_rate,
+             "test_ap": {f"{r['algorithm']}/{r['layer']}/{r['variant']}": r["test_ap"] for r in results}}
+    # The report is this stage's other output: mark it complete too.
+    storage.write_bytes(spark, f"{report}/_SUMMARY.json", json.dumps(
+        {"stage": "train_svm", "output": report, "models": models, "best": body["best"]}, default=float).encode())
+    return Summary(stage="train_svm", input_rows=images, output_rows=images, output=models, extra=extra)
+
+
+def _provenance(feats) -> dict:
+    """Which network made the features (a scoring job must compute the same ones)."""
+    rows = feats.select("model", "weights").distinct().collect()
+    return {"model": sorted({r["model"] for r in rows}), "weights": sorted({r["weights"] for r in rows})}
+
+
+def markdown(body: dict) -> str:
+    """The published table with our figures beside, then the chosen hyper-parameters."""
+    got = {(r["layer"], r["algorithm"], r["variant"]): r for r in body["results"]}
+    skipped = {(r["layer"], r["algorithm"], r["variant"]): r["why"] for r in body["skipped"]}
+    layers = sorted({r["layer"] for r in body["results"]}, key=lambda l: ("fc7", "fc6").index(l) if l in ("fc7", "fc6") else 9)
+    variants = body["variants"][::-1]  # flipped+normal first, as published
+
+    def cell(layer, algo, variant):
+        r = got.get((layer, algo, variant))
+        ours = f"{r['test_ap']:.3f}" if r else ("skipped" if (layer, algo, variant) in skipped else "-")
+        pub = PUBLISHED.get((layer, algo, variant))
+        return ours + (f" ({pub:.3f})" if pub is not None else "")
+
+    title = {**TITLES, "sklearn_random_forest": f"{TITLES['sklearn_random_forest']} {body['rf_trees']}"}
+    head = "| features | " + " | ".join(
+        f"{title[a]} ({' / '.join(variants) if a != 'mllib_svmwithsgd' else 'normal'})" for a in ALGORITHMS) + " |"
+    lines = [head, "|" + " --- |" * (len(ALGORITHMS) + 1)]
+    for layer in layers:
+        cells = [" / ".join(cell(layer, a, v) for v in (variants if a != "mllib_svmwithsgd" else ["normal"]))
+                 for a in ALGORITHMS]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    rate = ", ".join(f"{l} {v:.3f}" for l, v in body["test_positive_rate"].items())
+    detail = ["| layer | variant | algorithm | chosen | validation metric | test AP | test areaUnderPR | "
+              "train rows | test rows | seconds |", "|" + " --- |" * 10]
+    for r in body["results"]:
+        chosen = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items())
+        val = "-" if r["validation_metric"] is None else f"{r['validation_metric']:.3f}"
+        detail.append(f"| {r['layer']} | {r['variant']} | {TITLES[r['algorithm']]} | {chosen} | {val} | "
+                      f"{r['test_ap']:.3f} | {r['test_area_under_pr']:.3f} | {r['train_rows']} | {r['test_rows']} | "
+                      f"{r['seconds']} |")
+    notes = [f"- {TITLES[r['algorithm']]} {r['layer']} {r['variant']}: skipped, {r['why']}" for r in body["skipped"]]
+    feats = body["features"]
+    return ("Likability classifiers: average precision on the test split (scikit-learn's, non-interpolated), ours "
+            f"(published in parentheses). Features: {', '.join(feats['model'])}, weights {', '.join(feats['weights'])}"
+            + (" (random init: this shows the pipeline, not ImageNet quality)" if feats["weights"] == ["none"] else "")
+            + f". Positive rate of the test split (the AP of a random ranking): {rate}.\n\n" + "\n".join(lines)
+            + f"\n\nSelection: {body['search']}"
+            + (f" over {body['folds']} folds by post_id" if body["search"] == "crossval" else "")
+            + f", C grid {body['c_grid']} (Spark regParam = 1 / (C n)). Best Spark model (by validation): "
+            f"{body['best']['layer']} {body['best']['variant']} -> {body['best']['model']}\n\n"
+            + "\n".join(detail) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else ""))

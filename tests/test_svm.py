@@ -1,0 +1,60 @@
+"""train_svm on the features of 396 real photos: Spark's LinearSVC and scikit-learn's agree."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import SHARED, run_job
+
+PHOTOS = sorted((SHARED / "data" / "photos").glob("*.jpg"))
+
+
+@pytest.fixture(scope="module")
+def photo_features(spark, tmp_path_factory):
+    """A lake whose features table holds AlexNet fc7 (random init, also mirrored) of the real
+    photos, labelled 1 where the photo is greener than the median (a signal a linear model on
+    these features can learn); a third of the photos, by a hash of the name, are the test split."""
+    from pyspark.sql import Row
+
+    from sparkml.features import extract
+    from sparkml.lake import Lake, Summary, write_summary, write_table
+    from sparkml.schemas import TABLES
+
+    assert len(PHOTOS) == 396, "../shared/data/photos must be beside the repository"
+    images = [np.asarray(Image.open(p).convert("RGB").resize((300, 300))) for p in PHOTOS]
+    green = np.array([a[..., 1].mean() - a[..., 0].mean() for a in images])
+    labels = (green > np.median(green)).astype(int)
+    split = ["test" if int(hashlib.md5(p.name.encode()).hexdigest(), 16) % 3 == 0 else "train" for p in PHOTOS]
+    rows = []
+    for i in range(0, len(images), 64):
+        feats = extract(images[i:i + 64], "alexnet", "none", ("fc7",), True)
+        for (layer, mirrored), mat in feats.items():
+            rows += [Row(post_id=PHOTOS[i + j].stem, split=split[i + j], label=int(labels[i + j]), model="alexnet",
+                         weights="none", layer=layer, mirrored=mirrored, vector=v.tolist()) for j, v in enumerate(mat)]
+    lake = Lake(str(tmp_path_factory.mktemp("photo_lake")))
+    out = write_table(spark.createDataFrame(rows, TABLES["features"].schema), lake, "features")
+    write_summary(spark, Summary(stage="extract_features", input_rows=len(PHOTOS), output_rows=len(PHOTOS), output=out))
+    return lake, labels, split
+
+
+def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_features):
+    """The same C (Spark regParam = 1/(C n)) on the same folds: test AP within 0.02, for the
+    normal and flipped+normal variants; the table's sizes and positive rate are the photos'."""
+    lake, labels, split = photo_features
+    test = np.array(split) == "test"
+    assert run_job("train_svm", "--set", f"lake={lake.root}", "--set", "svm.layers=[fc7]",
+                   "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]", "--set", "svm.sgd_steps=[1.0]",
+                   "--set", "svm.rf_trees=50") == 0
+    report = json.loads((Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.json").read_text())
+    got = {(r["algorithm"], r["variant"]): r for r in report["results"]}
+    assert report["test_positive_rate"]["fc7"] == pytest.approx(labels[test].mean())
+    for variant, copies in (("normal", 1), ("flipped+normal", 2)):
+        spark_svc, sk_svc = got[("spark_linearsvc", variant)], got[("sklearn_linearsvc", variant)]
+        assert spark_svc["train_rows"] == sk_svc["train_rows"] == copies * int((~test).sum())
+        assert spark_svc["test_rows"] == int(test.sum()) > 100
+        assert abs(spark_svc["test_ap"] - sk_svc["test_ap"]) <= 0.02, (variant, spark_svc["test_ap"], sk_svc["test_ap"])
+        assert spark_svc["test_ap"] > labels[test].mean() + 0.2  # the planted signal is learnt
