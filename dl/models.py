@@ -144,7 +144,7 @@ class FeatureExtractor(nn.Module):
 class Preprocessing:
     """Resize the shorter side to `resize` (bilinear, antialiased), centre crop `crop`,
     scale to 0..1 and normalise by mean/std: torchvision's ImageClassification transform, applied
-    to a whole batch of uint8 HxWx3 images at once."""
+    to a whole batch of uint8 HxWx3 images at once; returns channels_last float32."""
 
     resize: int = 256
     crop: int = 224
@@ -158,20 +158,21 @@ class Preprocessing:
         return torch.cat([self._same_size(torch.from_numpy(np.array(a, np.uint8))[None]) for a in images])
 
     def _same_size(self, batch: torch.Tensor) -> torch.Tensor:
-        x = batch.permute(0, 3, 1, 2).float()
+        x = batch.permute(0, 3, 1, 2)  # a channels_last view of N x H x W x 3
         h, w = x.shape[-2:]
         # the longer side as torchvision computes it: int(resize * long / short)
         size = (self.resize, int(self.resize * w / h)) if h <= w else (int(self.resize * h / w), self.resize)
         if size != (h, w):
-            # v2.Resize on float tensors: bilinear, antialiased, then rounded back to uint8 levels
-            # as ToImage -> Resize does on uint8 images.
+            # on uint8, as torchvision's Resize does on uint8 image tensors (its vectorised
+            # antialiased kernel: about 10x faster than resizing the float image)
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-            x = x.round().clamp(0, 255)
         top, left = (int(round((n - self.crop) / 2.0)) for n in x.shape[-2:])  # as torchvision's center_crop
-        x = x[..., top:top + self.crop, left:left + self.crop] / 255.0
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = x[..., top:top + self.crop, left:left + self.crop]
+        # (x / 255 - mean) / std as one multiply-add
+        scale = torch.tensor([1 / (255 * s) for s in self.std]).view(1, 3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
+        out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        return torch.addcmul(shift, x.float(), scale, out=out)
 
 
 def preprocessing(name: str, weights: str = "none") -> Preprocessing:

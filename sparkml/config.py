@@ -167,6 +167,9 @@ class Features(Section):
     mirror: bool = Field(True, description="also the features of the horizontally mirrored image (the original's "
                                            "augmentation)")
     batch_rows: int = Field(64, ge=1, description="images per forward pass (one Arrow batch)")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: bfloat16 autocast (GPU executors, spark.task.resource.gpu.amount; on CPUs without "
+                            "bf16 units it is slower)")
 
 
 class Svm(Section):

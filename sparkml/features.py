@@ -6,7 +6,9 @@
 The per-batch work is `extract`, a plain function on JPEG bytes that needs torch and
 torchvision only (no Spark): decode, the model's preprocessing for the whole batch, one
 forward pass through the network cut at the highest layer asked for (dl.models), and the
-mirrored images in the same pass. The model is built once per Python worker.
+mirrored images in the same pass. The model is built once per Python worker, channels_last,
+on the task's GPU when Spark gave it one (spark.task.resource.gpu.amount), with optional
+bfloat16 autocast (features.precision).
 """
 
 from __future__ import annotations
@@ -21,10 +23,29 @@ from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
 RESULT_ARROW = to_arrow(with_reject(TABLES["features"].schema))
 
 
+def device() -> str:
+    """cuda:<n> when this Spark task was given a GPU (spark.task.resource.gpu.amount), or when
+    torch runs without Spark on a machine that has one; else cpu."""
+    import torch
+
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+    except ImportError:  # torch alone (a GPU box without Spark)
+        ctx = None
+    if not torch.cuda.is_available():
+        return "cpu"
+    if ctx is None:
+        return "cuda"
+    gpus = ctx.resources().get("gpu")
+    return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cpu"
+
+
 @functools.lru_cache(maxsize=2)
 def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
-              endpoint: str | None = None, region: str | None = None):
-    """(FeatureExtractor, Preprocessing) for this worker, built once."""
+              endpoint: str | None = None, region: str | None = None, on: str = "cpu"):
+    """(FeatureExtractor on device `on`, channels_last, Preprocessing) for this worker, built once."""
     import torch
 
     from dl.models import FeatureExtractor, load_model, preprocessing
@@ -34,10 +55,11 @@ def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
 
         ctx = TaskContext.get()
         torch.set_num_threads(ctx.cpus() if ctx is not None else torch.get_num_threads())
-    except ImportError:  # torch alone (a GPU box without Spark)
+    except ImportError:
         pass
     net = load_model(model, weights, endpoint=endpoint, region=region, seed=seed)
-    return FeatureExtractor(net, layers).eval(), preprocessing(model, weights)
+    fx = FeatureExtractor(net, layers).eval().to(on, memory_format=torch.channels_last)
+    return fx, preprocessing(model, weights)
 
 
 def decode(data: bytes | None) -> np.ndarray | None:
@@ -51,30 +73,35 @@ def decode(data: bytes | None) -> np.ndarray | None:
 
 
 def extract(images: list[np.ndarray], model: str, weights: str, layers: tuple[str, ...], mirror: bool,
-            seed: int = 0, endpoint: str | None = None, region: str | None = None) -> dict[tuple[str, bool], np.ndarray]:
-    """(layer, mirrored) -> float32 (N, dim) features of N RGB uint8 images."""
+            seed: int = 0, endpoint: str | None = None, region: str | None = None,
+            precision: str = "fp32") -> dict[tuple[str, bool], np.ndarray]:
+    """(layer, mirrored) -> float32 (N, dim) features of N RGB uint8 images, on this task's GPU
+    when it has one; precision bf16 runs the network under bfloat16 autocast."""
     import torch
 
-    net, pre = extractor(model, weights, tuple(layers), seed, endpoint, region)
-    x = pre(np.stack(images) if len({a.shape for a in images}) == 1 else images)
+    on = device()
+    net, pre = extractor(model, weights, tuple(layers), seed, endpoint, region, on)
+    x = pre(np.stack(images) if len({a.shape for a in images}) == 1 else images).to(on, non_blocking=True)
     if mirror:
         x = torch.cat([x, torch.flip(x, dims=[3])])
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(torch.device(on).type, torch.bfloat16, enabled=precision == "bf16"):
         out = net(x)
     n = len(images)
-    return {(layer, m): out[layer][n * m:n * (m + 1)].float().numpy() for layer in layers
+    return {(layer, m): out[layer][n * m:n * (m + 1)].float().cpu().numpy() for layer in layers
             for m in ((False, True) if mirror else (False,))}
 
 
 def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple[str, ...], mirror: bool,
-                  seed: int, endpoint: str | None = None, region: str | None = None) -> pa.RecordBatch:
+                  seed: int, endpoint: str | None = None, region: str | None = None,
+                  precision: str = "fp32") -> pa.RecordBatch:
     """post_id, split, label, image (JPEG) -> one row per image, layer and mirroring, or one
     reject row for an image that does not decode."""
     ids = batch.column("post_id").to_pylist()
     splits, labels = batch.column("split").to_pylist(), batch.column("label").to_pylist()
     pixels = [decode(b) for b in batch.column("image").to_pylist()]
     ok = [i for i, p in enumerate(pixels) if p is not None]
-    feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed, endpoint, region) if ok else {}
+    feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed, endpoint, region,
+                    precision) if ok else {}
     rows = {k: [] for k in RESULT_ARROW.names}
 
     def add(i, layer=None, mirrored=None, vector=None, reason=None, detail=None):
@@ -118,7 +145,7 @@ def extract_features(spark, cfg) -> "Summary":
     images = union_all([spark.read.parquet(f"{root}/{split}").select(
         "post_id", F.lit(split).alias("split"), F.col("label").cast("int").alias("label"), "image") for split in SPLITS])
     layers = tuple(f.layers)
-    args = (f.model, f.weights, layers, f.mirror, f.seed, cfg.s3.endpoint, cfg.s3.region)
+    args = (f.model, f.weights, layers, f.mirror, f.seed, cfg.s3.endpoint, cfg.s3.region, f.precision)
     with per_record(spark, lake, "extract_features", images, lambda b: extract_batch(b, *args), "features",
                     f.batch_rows) as (good, rejected):
         per_layer = good.groupBy("layer").agg(F.count("*").alias("n"), F.max(F.size("vector")).alias("d")).collect()
@@ -129,4 +156,5 @@ def extract_features(spark, cfg) -> "Summary":
     return Summary(stage="extract_features", input_rows=images.count(), output_rows=posts, rejected=rejected,
                    output=out, extra={"rows": rows, "rows_per_image": per_image, "model": f.model,
                                       "weights": f.weights, "layers": list(layers), "mirror": f.mirror, "dims": dims,
+                                      "precision": f.precision,
                                       "dataset": f.dataset})

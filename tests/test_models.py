@@ -115,13 +115,42 @@ def test_imagenet_weights_without_internet_is_a_clear_error(monkeypatch):
 
 
 def test_preprocessing_matches_torchvisions_transform():
+    """Equal to torchvision's v2 transforms on uint8 image tensors (the same antialiased uint8
+    resize kernel), and within one grey level of the weights' own v1 transform, which resizes
+    the image as float and rounds back."""
+    from torchvision.transforms import v2
+
     ref = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.transforms()
     pre = preprocessing("alexnet", "imagenet")
     assert (pre.resize, pre.crop) == (256, 224) and pre == preprocessing("alexnet", "none")
+    modern = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.ToDtype(torch.float32, scale=True),
+                         v2.Normalize(ref.mean, ref.std)])
     square, odd = _images(3), _images(3, side=None)  # 300x300 as prepared, and the photos' own sizes
     for batch in (np.stack(square), odd):
         got = pre(batch)
+        assert got.shape == (3, 3, 224, 224) and got.is_contiguous(memory_format=torch.channels_last)
+        want = torch.stack([modern(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in batch])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
         want = torch.stack([ref(torch.from_numpy(np.array(a)).permute(2, 0, 1)) for a in batch])
-        assert got.shape == want.shape == (3, 3, 224, 224)
         # one uint8 level is 1 / (255 * 0.225) ~ 0.017 after normalising
-        assert (got - want).abs().max() <= 0.018 and (got - want).abs().mean() < 0.003
+        assert (got - want).abs().max() <= 0.018 and (got - want).abs().mean() < 0.005
+
+
+def test_extract_runs_without_spark_and_bf16_autocast_stays_close_to_float32():
+    """sparkml.features.extract is the function a GPU box without Spark runs; under bfloat16
+    autocast its features keep cosine > 0.99 with the float32 ones (bf16 has 8 mantissa bits)."""
+    from sparkml.features import device, extract
+
+    images = _images(4)
+    fp32 = extract(images, "alexnet", "none", ("fc6", "fc7"), True)
+    bf16 = extract(images, "alexnet", "none", ("fc6", "fc7"), True, precision="bf16")
+    assert device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert set(fp32) == {(l, m) for l in ("fc6", "fc7") for m in (False, True)}
+    for key, a in fp32.items():
+        b = bf16[key]
+        assert a.shape == b.shape == (4, 4096) and a.dtype == b.dtype == np.float32
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        assert (cos > 0.99).all() and not np.array_equal(a, b), key
+    # the mirrored rows are the features of the flipped images
+    flipped = extract([np.ascontiguousarray(a[:, ::-1]) for a in images], "alexnet", "none", ("fc7",), False)
+    np.testing.assert_allclose(flipped[("fc7", False)], fp32[("fc7", True)], rtol=1e-3, atol=1e-4)
