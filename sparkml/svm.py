@@ -252,14 +252,20 @@ def train_svm(spark, cfg):
     from pyspark.sql import functions as F
 
     from sparkml import storage
-    from sparkml.lake import Lake, Summary, begin_output
+    from sparkml.lake import Lake, Summary, begin_output, write_rejected
+    from sparkml.schemas import Reason
 
     s = cfg.svm
     lake = Lake(cfg.lake)
     report, models = lake.report(MODEL), lake.model(MODEL)
     begin_output(spark, models)
     begin_output(spark, report)
-    feats = _features(spark, cfg)
+    labelled = _features(spark, cfg)
+    unlabelled = labelled.where(F.col("label").isNull() & ~F.col("mirrored") & (F.col("layer") == s.layers[0]))
+    rejected = write_rejected(spark, lake, "train_svm", unlabelled.select(
+        "post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
+        F.lit("the features row has no label: it cannot train or test a classifier").alias("detail")))
+    feats = labelled.where(F.col("label").isNotNull())
     is_train = F.col("split") != "test"
     counts = {(r["layer"], r["train"], r["label"], r["mirrored"]): int(r["count"]) for r in
               feats.groupBy("layer", is_train.alias("train"), "label", "mirrored").count().collect()}
@@ -328,7 +334,8 @@ def train_svm(spark, cfg):
     # The report is this stage's other output: mark it complete too.
     storage.write_bytes(spark, f"{report}/_SUMMARY.json", json.dumps(
         {"stage": "train_svm", "output": report, "models": models, "best": body["best"]}, default=float).encode())
-    return Summary(stage="train_svm", input_rows=images, output_rows=images, output=models, extra=extra)
+    return Summary(stage="train_svm", input_rows=images + sum(rejected.values()), output_rows=images,
+                   rejected=rejected, output=models, extra=extra)
 
 
 def _provenance(feats) -> dict:

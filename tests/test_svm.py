@@ -11,13 +11,15 @@ from PIL import Image
 from tests.conftest import SHARED, run_job
 
 PHOTOS = sorted((SHARED / "data" / "photos").glob("*.jpg"))
+UNLABELLED = {0, 80, 160, 240, 320}
 
 
 @pytest.fixture(scope="module")
 def photo_features(spark, tmp_path_factory):
     """A lake whose features table holds AlexNet fc7 (random init, also mirrored) of the real
     photos, labelled 1 where the photo is greener than the median (a signal a linear model on
-    these features can learn); a third of the photos, by a hash of the name, are the test split."""
+    these features can learn); a third of the photos, by a hash of the name, are the test split.
+    Five photos have no label."""
     from pyspark.sql import Row
 
     from sparkml.features import extract
@@ -33,7 +35,8 @@ def photo_features(spark, tmp_path_factory):
     for i in range(0, len(images), 64):
         feats = extract(images[i:i + 64], "alexnet", "none", ("fc7",), True)
         for (layer, mirrored), mat in feats.items():
-            rows += [Row(post_id=PHOTOS[i + j].stem, split=split[i + j], label=int(labels[i + j]), model="alexnet",
+            rows += [Row(post_id=PHOTOS[i + j].stem, split=split[i + j],
+                         label=None if (i + j) in UNLABELLED else int(labels[i + j]), model="alexnet",
                          weights="none", layer=layer, mirrored=mirrored, vector=v.tolist()) for j, v in enumerate(mat)]
     lake = Lake(str(tmp_path_factory.mktemp("photo_lake")))
     out = write_table(spark.createDataFrame(rows, TABLES["features"].schema), lake, "features")
@@ -44,13 +47,19 @@ def photo_features(spark, tmp_path_factory):
 def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_features):
     """The same C (Spark regParam = 1/(C n)) on the same folds: test AP within 0.02, for the
     normal and flipped+normal variants; the table's sizes and positive rate are the photos'."""
+    from sparkml.lake import read_summary
+
     lake, labels, split = photo_features
-    test = np.array(split) == "test"
+    keep = np.array([i not in UNLABELLED for i in range(len(PHOTOS))])
+    test, labels = (np.array(split) == "test")[keep], labels[keep]
     assert run_job("train_svm", "--set", f"lake={lake.root}", "--set", "svm.layers=[fc7]",
                    "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]", "--set", "svm.sgd_steps=[1.0]",
                    "--set", "svm.rf_trees=50") == 0
     report = json.loads((Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.json").read_text())
     got = {(r["algorithm"], r["variant"]): r for r in report["results"]}
+    summary = read_summary(spark, lake.model("likability_svm"))
+    assert summary["balanced"] and summary["rejected"] == {"no_label": len(UNLABELLED)}
+    assert summary["input_rows"] == len(PHOTOS) and summary["output_rows"] == len(PHOTOS) - len(UNLABELLED)
     assert report["test_positive_rate"]["fc7"] == pytest.approx(labels[test].mean())
     for variant, copies in (("normal", 1), ("flipped+normal", 2)):
         spark_svc, sk_svc = got[("spark_linearsvc", variant)], got[("sklearn_linearsvc", variant)]
