@@ -81,11 +81,11 @@ def area_under_pr(spark, labels: np.ndarray, scores: np.ndarray) -> float:
     return float(BinaryClassificationMetrics(pairs).areaUnderPR)
 
 
-def _arrays(df) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    """(X float32 (n, d), y, fold, post_ids) of a frame with vector, label, fold, post_id."""
-    pdf = df.select("post_id", "label", "fold", "vector").toPandas()
+def _arrays(df) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X float32 (n, d), y, fold) of a frame with vector, label, fold, collected to the driver."""
+    pdf = df.select("label", "fold", "vector").toPandas()
     x = np.stack(pdf.vector.to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 0), np.float32)
-    return x, pdf.label.to_numpy().astype(int), pdf.fold.to_numpy().astype(int), pdf.post_id.tolist()
+    return x, pdf.label.to_numpy().astype(int), pdf.fold.to_numpy().astype(int)
 
 
 def _scored(spark, name, layer, variant, params, validation, labels, scores, train_rows, seconds, **extra) -> dict:
@@ -277,6 +277,7 @@ def train_svm(spark, cfg):
     results, skipped = [], []
     for layer in s.layers:
         test = feats.where(~is_train & (F.col("layer") == layer) & ~F.col("mirrored")).persist(StorageLevel.MEMORY_AND_DISK)
+        local_test = None  # the test rows on the driver, collected once per layer for scikit-learn
         for variant in variants:
             rows = feats.where(is_train & (F.col("layer") == layer))
             if variant == "normal":
@@ -294,8 +295,9 @@ def train_svm(spark, cfg):
                 results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
                                        got["labels"], got["scores"], n, got["seconds"]))
             if n <= s.driver_max_rows:
-                x, y, fold, _ = _arrays(train)
-                xt, yt, _, _ = _arrays(test)
+                x, y, fold = _arrays(train)
+                local_test = local_test or _arrays(test)
+                xt, yt, _ = local_test
                 t0 = time.perf_counter()
                 params, svc = sklearn_linear_svc(s, x, y, fold)
                 results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
