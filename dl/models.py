@@ -15,7 +15,6 @@ linear layer of any torchvision classifier (ResNet's pooled features, ...).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,22 +37,14 @@ def model_names() -> list[str]:
 
 
 def _checkpoint(uri: str, endpoint: str | None, region: str | None) -> dict:
-    from sparkml import storage
+    from dl.checkpoint import CheckpointError, load
 
     try:
-        data = storage.read_uri(uri, endpoint, region)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"model weights {uri}: cannot read it ({e})") from None
-    if data is None:
-        raise ModelError(f"model weights {uri}: no such file or object")
-    try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file, said in one line
-        raise ModelError(f"model weights {uri}: not a torch checkpoint ({type(e).__name__}: {e})") from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # {"model": state_dict, ...}
+        state = load(uri, endpoint, region)
+    except CheckpointError as e:
+        raise ModelError(f"model weights {e}") from None
+    if isinstance(state.get("model"), dict):  # {"model": state_dict, ...}, as training saves it
         state = state["model"]
-    if not isinstance(state, dict):
-        raise ModelError(f"model weights {uri}: expected a state_dict, got {type(state).__name__}")
     return state
 
 

@@ -162,6 +162,24 @@ def read_uri(uri: str, endpoint: str | None = None, region: str | None = None) -
         raise
 
 
+def write_uri(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None) -> None:
+    """Write data to uri so that no reader ever sees part of it: a local file is written beside
+    its name and renamed into place; an S3 or GCS object only appears when its upload completes."""
+    scheme, path = arrow_path(uri)
+    fs = arrow_filesystem(scheme, endpoint, region)
+    if scheme == "file":
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
 def _pmap(fn, items: list, threads: int) -> list:
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]

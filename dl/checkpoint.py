@@ -1,0 +1,65 @@
+"""Training checkpoints on a local disk, S3 or GCS, written atomically and loaded with
+`weights_only=True` (a checkpoint from elsewhere cannot run code when it is read).
+
+    save({"model": m.state_dict(), "optimizer": opt.state_dict(), "step": 1200}, root, 1200)
+    uri = latest(root)          # <root>/step-000001200.pt, or None before the first save
+    state = load(uri)
+
+A reader never sees half a checkpoint: a local file is renamed into place once written, an
+object-store upload only becomes visible when complete; `latest` ignores anything else under
+root. Torch and pyarrow only, no Spark: training processes under TorchDistributor or torchrun
+call it.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import torch
+
+from sparkml import storage
+
+NAME = re.compile(r"^step-(\d{9})\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: the message names it and why."""
+
+
+def name(step: int) -> str:
+    return f"step-{step:09d}.pt"
+
+
+def save(state: dict, root: str, step: int, endpoint: str | None = None, region: str | None = None) -> str:
+    """Write state (tensors, numbers, strings, lists, dicts) as <root>/step-<step>.pt; its URI."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    uri = f"{storage.qualify(root).rstrip('/')}/{name(step)}"
+    storage.write_uri(uri, buf.getvalue(), endpoint, region)
+    return uri
+
+
+def load(uri: str, endpoint: str | None = None, region: str | None = None, map_location: str = "cpu") -> dict:
+    """The state saved at uri, loaded with weights_only=True; CheckpointError when it is
+    missing, unreadable or not a checkpoint."""
+    try:
+        data = storage.read_uri(uri, endpoint, region)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{uri}: cannot read it ({e})") from None
+    if data is None:
+        raise CheckpointError(f"{uri}: no such file or object")
+    try:
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file, said in one line
+        raise CheckpointError(f"{uri}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{uri}: expected a dict of state, got {type(state).__name__}")
+    return state
+
+
+def latest(root: str, endpoint: str | None = None, region: str | None = None) -> str | None:
+    """URI of the newest complete checkpoint under root (by step), None when there is none."""
+    found = [(int(m.group(1)), uri) for uri, _ in storage.list_files(root, endpoint, region)
+             if (m := NAME.match(uri.rsplit("/", 1)[-1]))]
+    return max(found)[1] if found else None
