@@ -1,0 +1,90 @@
+"""The distributed backend a training loop talks to, without knowing which one it has:
+
+    b = backend()                       # from the environment torchrun / TorchDistributor set
+    model = b.wrap(model.to(b.device))  # DistributedDataParallel, or the model itself alone
+    b.broadcast(model)                  # every rank starts from rank 0's weights
+    loss = b.mean(loss.detach())        # metrics averaged over ranks
+    b.close()
+
+`Single` is one process with no distributed setup. `DDP` is torch.distributed from the
+variables torchrun and TorchDistributor export (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT): gloo on CPU, NCCL with one GPU per process. Torch only, no Spark: the function
+TorchDistributor pickles imports this inside.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+
+class Single:
+    """One process: rank 0 of 1, nothing to synchronise."""
+
+    rank, size, local_rank = 0, 1, 0
+
+    def __init__(self):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def broadcast(self, model: nn.Module) -> None:
+        pass
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def barrier(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class DDP(Single):
+    """torch.distributed, one process per rank; gloo on CPU, NCCL on GPU."""
+
+    def __init__(self, timeout_s: int = 1800):
+        import torch.distributed as dist
+
+        self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.size,
+                                    timeout=timedelta(seconds=timeout_s))
+        self._dist = dist
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def broadcast(self, model: nn.Module) -> None:
+        """Rank 0's parameters and buffers to every rank (after a rank-0-only checkpoint load;
+        DistributedDataParallel also does it once when it wraps)."""
+        for t in list(model.parameters()) + list(model.buffers()):
+            self._dist.broadcast(t.data, src=0)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        out = value.detach().clone().to(self.device, torch.float64 if self.device.type == "cpu" else torch.float32)
+        self._dist.all_reduce(out)
+        return (out / self.size).to(value.dtype)
+
+    def barrier(self) -> None:
+        self._dist.barrier()
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+def backend() -> Single:
+    """DDP when the launcher says there are several ranks (WORLD_SIZE > 1), else Single."""
+    return DDP() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Single()
