@@ -55,7 +55,7 @@ def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
 
         ctx = TaskContext.get()
         torch.set_num_threads(ctx.cpus() if ctx is not None else torch.get_num_threads())
-    except ImportError:
+    except ImportError:  # torch alone (a GPU box without Spark)
         pass
     net = load_model(model, weights, endpoint=endpoint, region=region, seed=seed)
     fx = FeatureExtractor(net, layers).eval().to(on, memory_format=torch.channels_last)
