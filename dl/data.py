@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dl import models
 from dl.models import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -89,12 +90,8 @@ def crop_image(image: np.ndarray, crop: int, rng: np.random.Generator | None) ->
 
 
 def normalise(images: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 channels_last, (x / 255 - mean) / std."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
-    out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-    return torch.addcmul(shift, x.float(), scale, out=out)
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 channels_last, normalised as dl.models does."""
+    return models.normalise(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), mean, std)
 
 
 def rows(url: str, rank: int, world: int, epoch: int, seed: int, fields: list[str], train: bool,

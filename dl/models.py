@@ -131,6 +131,14 @@ class FeatureExtractor(nn.Module):
         return {k: torch.flatten(v, 1) for k, v in self.body(x).items()}
 
 
+def normalise(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> float32 channels_last (x / 255 - mean) / std, as one multiply-add."""
+    scale = torch.tensor([1 / (255 * s) for s in std]).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(1, 3, 1, 1)
+    out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    return torch.addcmul(shift, x.float(), scale, out=out)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """Resize the shorter side to `resize` (bilinear, antialiased), centre crop `crop`,
@@ -158,12 +166,7 @@ class Preprocessing:
             # antialiased kernel: about 10x faster than resizing the float image)
             x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
         top, left = (int(round((n - self.crop) / 2.0)) for n in x.shape[-2:])  # as torchvision's center_crop
-        x = x[..., top:top + self.crop, left:left + self.crop]
-        # (x / 255 - mean) / std as one multiply-add
-        scale = torch.tensor([1 / (255 * s) for s in self.std]).view(1, 3, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)]).view(1, 3, 1, 1)
-        out = torch.empty(x.shape, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
-        return torch.addcmul(shift, x.float(), scale, out=out)
+        return normalise(x[..., top:top + self.crop, left:left + self.crop], self.mean, self.std)
 
 
 def preprocessing(name: str, weights: str = "none") -> Preprocessing:
