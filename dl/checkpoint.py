@@ -58,8 +58,18 @@ def load(uri: str, endpoint: str | None = None, region: str | None = None, map_l
     return state
 
 
+def _steps(root: str, endpoint: str | None, region: str | None) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), uri) for uri, _ in storage.list_files(root, endpoint, region)
+                  if (m := NAME.match(uri.rsplit("/", 1)[-1])))
+
+
 def latest(root: str, endpoint: str | None = None, region: str | None = None) -> str | None:
     """URI of the newest complete checkpoint under root (by step), None when there is none."""
-    found = [(int(m.group(1)), uri) for uri, _ in storage.list_files(root, endpoint, region)
-             if (m := NAME.match(uri.rsplit("/", 1)[-1]))]
-    return max(found)[1] if found else None
+    found = _steps(root, endpoint, region)
+    return found[-1][1] if found else None
+
+
+def prune(root: str, keep: int, endpoint: str | None = None, region: str | None = None) -> None:
+    """Delete all but the newest `keep` checkpoints under root."""
+    for _, uri in _steps(root, endpoint, region)[:-keep]:
+        storage.delete_uri(uri, endpoint, region)

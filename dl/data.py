@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -29,6 +31,11 @@ import torch
 
 from dl import models
 from dl.models import IMAGENET_MEAN, IMAGENET_STD
+
+
+# petastorm 0.12 reads through pyarrow's legacy APIs (why pyarrow is pinned below 15) and warns
+# about them for every row group it opens.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"petastorm(\.|$)")
 
 
 class DatasetTooSmall(ValueError):
@@ -112,30 +119,51 @@ def rows(url: str, rank: int, world: int, epoch: int, seed: int, fields: list[st
             yield row._asdict()
 
 
+def _target(value, width: int | None) -> np.ndarray:
+    """A row's target as an array; a missing soft target (a caption without words) is NaNs."""
+    if value is None:
+        return np.full(width or 1, np.nan, np.float32)
+    return np.asarray(value)
+
+
 def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int | None, seed: int = 0,
             crop: int = 224, target: str = "label", train: bool = True, skip: int = 0, prefetch: int = 4,
-            endpoint: str | None = None, region: str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(images, targets) batches of this rank's shard: exactly `steps` of them (all rows, the
-    last batch short, when steps is None), the first `skip` passed over (resume mid-epoch).
-    Decoding runs ahead in a background thread, at most `prefetch` batches."""
+            endpoint: str | None = None, region: str | None = None, ids: bool = False, width: int | None = None,
+            stats: dict | None = None) -> Iterator[tuple]:
+    """(images, targets) batches of this rank's shard, (images, targets, post_ids) with ids:
+    exactly `steps` of them (all rows, the last batch short, when steps is None), the first
+    `skip` passed over (resume mid-epoch). Decoding runs ahead in a background thread, at most
+    `prefetch` batches; `stats` gets the rows it decoded and the seconds it was busy (its rate
+    when it never waits for the step). A soft target that is missing becomes `width` NaNs."""
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
 
+    counts = stats if stats is not None else {}
+    counts.setdefault("rows", 0)
+    counts.setdefault("busy_s", 0.0)
+
     def produce():
         try:
-            images, targets, n = [], [], 0
+            images, targets, names, n = [], [], [], 0
+            t0 = time.perf_counter()
             for row in rows(url, rank, world, epoch, seed, ["post_id", "image", target], train, endpoint, region):
                 if stop.is_set() or (steps is not None and n == steps):
                     break
                 images.append(crop_image(row["image"], crop, _rng(seed, epoch, row["post_id"]) if train else None))
-                targets.append(row[target])
+                targets.append(_target(row[target], width))
+                names.append(row["post_id"])
                 if len(images) == batch:
                     if n >= skip:
-                        out.put((np.stack(images), np.asarray(targets)))
-                    images, targets, n = [], [], n + 1
+                        counts["rows"] += batch
+                        counts["busy_s"] += time.perf_counter() - t0
+                        out.put((np.stack(images), np.stack(targets), names))
+                        t0 = time.perf_counter()
+                    images, targets, names, n = [], [], [], n + 1
             if images and steps is None and n >= skip:
-                out.put((np.stack(images), np.asarray(targets)))
+                counts["rows"] += len(images)
+                counts["busy_s"] += time.perf_counter() - t0
+                out.put((np.stack(images), np.stack(targets), names))
             out.put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             out.put(e)
@@ -147,9 +175,9 @@ def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int 
         while (item := out.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
-            images, targets = item
+            images, targets, names = item
             got += 1
-            yield normalise(images), torch.from_numpy(targets)
+            yield (normalise(images), torch.from_numpy(targets)) + ((names,) if ids else ())
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue

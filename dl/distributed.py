@@ -14,6 +14,7 @@ TorchDistributor pickles imports this inside.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -37,6 +38,14 @@ class Single:
 
     def mean(self, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    def gather(self, obj) -> list:
+        """Every rank's obj (picklable), in rank order, on every rank."""
+        return [obj]
+
+    def no_sync(self, model: nn.Module):
+        """Context for a backward pass whose gradients are not yet averaged (accumulation)."""
+        return contextlib.nullcontext()
 
     def barrier(self) -> None:
         pass
@@ -77,6 +86,14 @@ class DDP(Single):
         self._dist.all_reduce(out)
         return (out / self.size).to(value.dtype)
 
+    def gather(self, obj) -> list:
+        out = [None] * self.size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def no_sync(self, model: nn.Module):
+        return model.no_sync()
+
     def barrier(self) -> None:
         self._dist.barrier()
 
@@ -85,6 +102,11 @@ class DDP(Single):
             self._dist.destroy_process_group()
 
 
-def backend() -> Single:
-    """DDP when the launcher says there are several ranks (WORLD_SIZE > 1), else Single."""
+def backend(kind: str = "ddp") -> Single:
+    """kind ddp: DDP when the launcher says there are several ranks (WORLD_SIZE > 1), else
+    Single; horovod: the Horovod backend (dl.horovod), whatever the size."""
+    if kind == "horovod":
+        from dl.horovod import Horovod
+
+        return Horovod()
     return DDP() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Single()

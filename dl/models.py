@@ -48,18 +48,23 @@ def _checkpoint(uri: str, endpoint: str | None, region: str | None) -> dict:
     return state
 
 
+AUX_HEADS = ("googlenet", "inception_v3")  # auxiliary classifiers: never used here, always left out
+
+
 def load_model(name: str, weights: str = "none", num_classes: int | None = None,
-               endpoint: str | None = None, region: str | None = None, seed: int = 0) -> nn.Module:
+               endpoint: str | None = None, region: str | None = None, seed: int = 0, **kwargs) -> nn.Module:
     """A torchvision model in eval mode. weights: 'none' (random init from `seed`: the same
     weights in every worker and on every rerun), 'imagenet' (the model's default weight enum,
     downloaded once into TORCH_HOME) or the URI of a state_dict (local, s3://, gs://; loaded
-    with weights_only=True). num_classes replaces the head."""
+    with weights_only=True). num_classes replaces the head. GoogLeNet and Inception come
+    without their auxiliary classifiers; kwargs go to the torchvision builder (a GoogLeNet
+    fine-tuned from ImageNet weights needs transform_input=True, as those weights had)."""
     if name not in model_names():
         raise ModelError(f"unknown model {name!r}: use a torchvision classifier ({', '.join(model_names()[:8])}, ...)")
     if weights == "imagenet":
         enum = torchvision.models.get_model_weights(name).DEFAULT
         try:
-            model = torchvision.models.get_model(name, weights=enum)
+            model = torchvision.models.get_model(name, weights=enum, **kwargs)
         except (OSError, RuntimeError) as e:  # URLError is an OSError
             raise ModelError(f"imagenet weights for {name} could not be downloaded ({type(e).__name__}: {e}); this "
                              "needs internet access, or give a checkpoint path (local, s3://, gs://) as the weights")
@@ -68,8 +73,10 @@ def load_model(name: str, weights: str = "none", num_classes: int | None = None,
     else:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            if name in AUX_HEADS:
+                kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
             model = torchvision.models.get_model(name, weights=None,
-                                                 **({"num_classes": num_classes} if num_classes else {}))
+                                                 **({"num_classes": num_classes} if num_classes else {}), **kwargs)
         if weights != "none":
             state = _checkpoint(weights, endpoint, region)
             try:

@@ -45,12 +45,14 @@ def parser(stage: str, doc: str, add_arguments: Callable[[argparse.ArgumentParse
 
 
 def parse(stage: str, doc: str, argv: list[str] | None = None,
-          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> tuple[Config, argparse.Namespace]:
-    """Parse the command line and load the config; exits 2 with one line on any problem."""
+          add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+          base: Callable[[argparse.Namespace], dict] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the command line and load the config (over the sections base(args) gives, e.g. a
+    preset the options name); exits 2 with one line on any problem."""
     p = parser(stage, doc, add_arguments)
     args = p.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, base(args) if base else None)
     except ConfigError as e:
         p.error(str(e))
     return cfg, args
@@ -65,9 +67,10 @@ def setup_logging() -> None:
 
 
 def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
-        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> int:
+        add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+        base: Callable[[argparse.Namespace], dict] | None = None) -> int:
     """Parse, build the session, run the stage, write its _SUMMARY.json, log one line."""
-    cfg, args = parse(stage, doc, argv, add_arguments)
+    cfg, args = parse(stage, doc, argv, add_arguments, base)
     setup_logging()
     from sparkml.session import get_session  # pyspark import only once the options are good
 

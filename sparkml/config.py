@@ -199,6 +199,56 @@ class Svm(Section):
     seed: int = Field(0, description="seed of the folds, the splits and the random forest")
 
 
+class Train(Section):
+    task: Literal["city", "topics", "likability"] = Field(
+        "city", description="set by train_cnn.py --task: city (10-way city labels), topics (the caption topic "
+                            "distribution, soft targets), likability (good/bad)")
+    dataset: str = Field("cities", pattern=r"^[A-Za-z0-9_-]+$", description="Petastorm dataset under <lake>/datasets/")
+    model: str = Field("alexnet", description="torchvision model name (alexnet, googlenet, ...)")
+    weights: str = Field("imagenet", description="imagenet (torchvision's weights; needs internet), none (random init "
+                                                 "from train.seed: tests and the demo) or a state_dict URI")
+    seed: int = Field(0, description="seed of the random init, the data order, the crops and dropout")
+    freeze: list[str] = Field(default_factory=list, description="modules whose weights stay fixed (and in eval mode), "
+                                                                "e.g. [features.0, features.3] = AlexNet conv1-2")
+    dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability of the model's Dropout layers "
+                                                                "(default: the model's own, 0.5 for AlexNet)")
+    optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (with momentum, as Caffe) or adam")
+    lr: float = Field(0.001, gt=0, description="base learning rate, per optimizer step")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay")
+    schedule: Literal["constant", "step", "poly"] = Field(
+        "constant", description="constant; step: x train.gamma every train.step_size iterations; poly: "
+                                "(1 - iteration / iterations) ** train.power")
+    step_size: int = Field(5000, ge=1, description="iterations between learning-rate steps (schedule=step)")
+    gamma: float = Field(0.1, gt=0, description="learning-rate factor per step (schedule=step)")
+    power: float = Field(0.5, gt=0, description="exponent of the poly schedule")
+    lr_scaling: Literal["none", "linear"] = Field(
+        "none", description="linear: lr x number of processes (the original found the linear rule did not hold)")
+    epochs: int = Field(3, ge=1, description="passes over the training split")
+    batch_size: int = Field(64, ge=1, description="images per process per forward pass")
+    accumulate: int = Field(1, ge=1, description="forward passes whose gradients are summed before one optimizer "
+                                                 "step (an iteration): effective batch = batch_size x processes x this")
+    crop: int = Field(224, ge=63, description="side of the random training crops (centre crop for evaluation)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16: bfloat16 autocast; auto: bf16 on GPU, fp32 on CPU")
+    channels_last: bool = Field(True, description="channels_last memory format (faster convolutions)")
+    processes: int = Field(2, ge=1, description="training processes (ranks): GPUs, or CPU processes")
+    mode: Literal["local", "cluster", "inline"] = Field(
+        "local", description="local: TorchDistributor local mode (torchrun on the driver: one node, one process per "
+                             "GPU or CPU share); cluster: barrier tasks on the executors (needs dynamic allocation "
+                             "off); inline: one process, this one, no distributed setup")
+    backend: Literal["ddp", "horovod"] = Field("ddp", description="ddp: DistributedDataParallel (gloo on CPU, NCCL on "
+                                                                  "GPU); horovod: horovod.spark.run (optional extra)")
+    gpu: bool | None = Field(None, description="train on GPUs (one per process); default: when the driver has CUDA "
+                                               "(local) or spark.task.resource.gpu.amount is set (cluster)")
+    threads: int | None = Field(None, ge=1, description="torch threads per process (default: cores / processes)")
+    checkpoint_every: int = Field(500, ge=0, description="iterations between checkpoints (0: only at epoch ends)")
+    checkpoint_dir: str | None = Field(None, description="checkpoint URI (default <lake>/checkpoints/train_<task>)")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    log_every: int = Field(20, ge=1, description="iterations between progress lines (rank 0)")
+    prefetch: int = Field(4, ge=1, description="batches decoded ahead of the step")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -218,6 +268,7 @@ class Config(Section):
     retrieval: Retrieval = Field(default_factory=Retrieval)
     features: Features = Field(default_factory=Features)
     svm: Svm = Field(default_factory=Svm)
+    train: Train = Field(default_factory=Train)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""
@@ -269,8 +320,8 @@ def _describe(err: ValidationError) -> str:
     return f"config key {loc!r}: {first['msg']} (got {got!r})"
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML profile, apply `key=value` overrides, validate; raise ConfigError."""
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; ConfigError when it is missing, not YAML or not a mapping."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -280,6 +331,20 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"config file {path} must be a mapping of sections")
+    return tree
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Config:
+    """Read a YAML profile over `base` (a preset's sections), apply `key=value` overrides,
+    validate; raise ConfigError."""
+    tree = _merge(base or {}, read_yaml(path))
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)

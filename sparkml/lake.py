@@ -55,6 +55,10 @@ class IncompleteInput(RuntimeError):
     """An upstream output is missing or was left half-written: run its stage first."""
 
 
+class UnusableInput(IncompleteInput):
+    """The input exists but cannot train or test a model (one class only, no test rows)."""
+
+
 def read_complete(spark: SparkSession, uri: str, remedy: str) -> DataFrame:
     """Parquet at uri that its writer finished (its _SUMMARY.json exists); else IncompleteInput."""
     if not storage.exists(spark, f"{uri}/{SUMMARY_FILE}"):

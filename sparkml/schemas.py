@@ -168,6 +168,12 @@ FEATURES = T.StructType([
     T.StructField("vector", T.ArrayType(T.FloatType(), False), False),
 ])
 
+IMAGE_TOPICS = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("split", T.StringType(), False),                      # the dataset split (val, test)
+    T.StructField("topics", T.ArrayType(T.FloatType(), False), False),  # the regressor's sigmoid outputs
+])
+
 
 def to_arrow(schema: T.StructType) -> pa.Schema:
     """The Arrow schema of a Spark schema (what mapInArrow batches must carry)."""
@@ -209,5 +215,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("topics", TOPICS, "infer_topics"),
     Table("retrieval", RETRIEVAL, "retrieve"),
     Table("features", FEATURES, "extract_features"),
+    Table("image_topics", IMAGE_TOPICS, "train_cnn"),
     Table("rejected", REJECTED, "every stage (partition stage=<stage>)"),
 )}

@@ -180,6 +180,15 @@ def write_uri(uri: str, data: bytes, endpoint: str | None = None, region: str | 
         f.write(data)
 
 
+def delete_uri(uri: str, endpoint: str | None = None, region: str | None = None) -> None:
+    """Remove one file or object if it exists (no Spark: training processes call it)."""
+    scheme, path = arrow_path(uri)
+    try:
+        arrow_filesystem(scheme, endpoint, region).delete_file(path)
+    except FileNotFoundError:
+        pass
+
+
 def _pmap(fn, items: list, threads: int) -> list:
     if threads <= 1 or len(items) <= 1:
         return [fn(x) for x in items]

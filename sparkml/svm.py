@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from sparkml.lake import IncompleteInput
+from sparkml.lake import UnusableInput
 
 VARIANTS = ("normal", "flipped+normal")
 ALGORITHMS = ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest", "mllib_svmwithsgd")
@@ -50,10 +50,6 @@ MODEL = "likability_svm"
 # pyspark.mllib's evaluation classes still build an SQLContext and warn about it on every call.
 warnings.filterwarnings("ignore", message="Deprecated in 3.0.0", category=FutureWarning)
 PARTITION_BYTES = 64 << 20  # training rows per partition: a few aggregation tasks per iteration, not thousands
-
-
-class UnusableInput(IncompleteInput):
-    """The input exists but cannot train or test a classifier (one class only, no test rows)."""
 
 
 def reg_param(c: float, n: int) -> float:

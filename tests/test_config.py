@@ -93,7 +93,7 @@ JOBS = sorted(p.stem for p in (ROOT / "jobs").glob("*.py"))
 def test_every_job_refuses_an_unknown_config_key_in_one_line(job, capsys):
     from tests.conftest import load_job
 
-    extra = ["--query", "x"] if job == "retrieve" else []
+    extra = {"retrieve": ["--query", "x"], "train_cnn": ["--task", "city"]}.get(job, [])
     with pytest.raises(SystemExit) as stop:
         load_job(job).main(["--config", str(LOCAL), "--set", "dedup.max_hammin=3", *extra])
     err = capsys.readouterr().err.strip()

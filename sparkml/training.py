@@ -1,0 +1,261 @@
+"""The driver side of train_cnn: check the dataset, the model and the cluster before anything
+starts, launch dl.train.run on every rank (TorchDistributor local or barrier mode, or inline),
+and turn rank 0's result into the report and the job summary.
+
+    <lake>/models/<task>/model.pt, model.json     the best epoch by validation (scoring loads it)
+    <lake>/reports/train_<task>/metrics.{json,md}  per-epoch history, test figures beside the published
+    <lake>/reports/train_<task>/curve.png, tensorboard/
+    <lake>/checkpoints/train_<task>/step-*.pt      for --resume (train.checkpoint_dir)
+    <lake>/tables/image_topics                     topics task: the regressed vectors of the test images
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+from sparkml import storage
+from sparkml.config import Config, ConfigError, read_yaml
+from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, begin_output, read_summary, write_summary
+from sparkml.schemas import SPLITS
+
+PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
+
+# The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset; per city in
+# SPEC.md's city order; the likability AlexNet's test accuracy).
+PUBLISHED = {
+    "city": {"top1": 0.263, "per_class": dict(zip(
+        ["london", "newyork", "sydney", "losangeles", "chicago", "melbourne", "miami", "toronto", "singapore",
+         "sanfrancisco"], [0.297, 0.213, 0.243, 0.183, 0.214, 0.236, 0.333, 0.214, 0.416, 0.291]))},
+    "likability": {"accuracy": 0.57},
+    "topics": {},
+}
+
+
+def preset(task: str | None, name: str | None) -> dict:
+    """The config sections of a preset: conf/train/<name>.yaml (default <task>.yaml) or a YAML path."""
+    if task is None:
+        raise ConfigError("--task is required: city, topics or likability")
+    name = name or task
+    path = Path(name) if name.endswith((".yaml", ".yml")) else PRESETS / f"{name}.yaml"
+    if not path.is_file():
+        have = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+        raise ConfigError(f"--preset {name}: no such preset ({have}, or a YAML path)")
+    tree = read_yaml(path)
+    tree.setdefault("train", {})["task"] = task
+    return tree
+
+
+def _target_width(url: str, column: str) -> int | None:
+    """The width of a dataset's vector column (from its Unischema), None when it has none."""
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    field = get_schema_from_dataset_url(storage.qualify(url)).fields.get(column)
+    return None if field is None else (int(field.shape[0]) if field.shape else 0)
+
+
+def _image_side(url: str) -> int:
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    return int(get_schema_from_dataset_url(storage.qualify(url)).fields["image"].shape[0])
+
+
+def _gpu(spark: SparkSession, cfg: Config) -> bool:
+    t = cfg.train
+    if t.gpu is not None:
+        return t.gpu
+    if t.mode == "cluster":
+        return float(spark.conf.get("spark.task.resource.gpu.amount", "0")) >= 1
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _threads(spark: SparkSession, cfg: Config) -> int:
+    t = cfg.train
+    if t.threads:
+        return t.threads
+    if t.mode == "cluster":
+        return int(spark.conf.get("spark.task.cpus", "1"))
+    return max(1, (os.cpu_count() or 1) // (1 if t.mode == "inline" else t.processes))
+
+
+def check_mode(spark: SparkSession, cfg: Config, gpu: bool) -> None:
+    """Launch settings Spark or TorchDistributor would refuse later, said now in one line."""
+    t = cfg.train
+    if t.mode == "inline" and t.processes != 1:
+        raise ConfigError("train.mode=inline runs one process, this one: set train.processes=1 (or mode local)")
+    if t.mode == "cluster":
+        if spark.conf.get("spark.dynamicAllocation.enabled", "false").lower() == "true":
+            raise ConfigError("train.mode=cluster runs a barrier stage, which Spark refuses under dynamic allocation "
+                              "(on by default on EMR): submit with --conf spark.dynamicAllocation.enabled=false")
+        amount = spark.conf.get("spark.task.resource.gpu.amount", "0")
+        if gpu and float(amount) != int(float(amount)):
+            raise ConfigError(f"spark.task.resource.gpu.amount={amount}: TorchDistributor needs a whole number of GPUs "
+                              "per task (1 for training; fractional amounts are for inference)")
+    if t.backend == "horovod":
+        try:
+            import horovod  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.backend=horovod: horovod is not installed; build it with `make horovod` "
+                              "(deploy/horovod/README.md) and pip install the wheel") from None
+
+
+def _check_resume(spark: SparkSession, run_json: str, train: dict) -> None:
+    from dl.train import RESUME_KEYS
+
+    if not storage.exists(spark, run_json):
+        return
+    before = json.loads(storage.read_bytes(spark, run_json))
+    differ = [k for k in RESUME_KEYS if before.get(k) != train.get(k)]
+    if differ:
+        said = ", ".join(f"train.{k}={before.get(k)!r} (now {train.get(k)!r})" for k in differ)
+        raise ConfigError(f"--resume: the checkpoints under {storage.parent(run_json)} were made with {said}; run "
+                          "with those settings, or without --resume to start over")
+
+
+def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
+    """Everything a training process needs (picklable), after checking it can run."""
+    from dl import data
+    from dl.models import IMAGENET_MEAN, IMAGENET_STD, ModelError
+    from dl.train import TASKS, TrainError, build
+
+    t = cfg.train
+    lake = Lake(cfg.lake)
+    task = TASKS[t.task]
+    root = lake.dataset(t.dataset)
+    if not storage.exists(spark, f"{root}/_SUMMARY.json"):
+        raise IncompleteInput(f"{root} is missing or incomplete: run jobs/build_dataset.py"
+                              + (" --set dataset.labels=likability" if t.task == "likability" else ""))
+    built = read_summary(spark, root)
+    urls = {s: f"{root}/{s}" for s in SPLITS}
+    for split in SPLITS:
+        if not built["splits"].get(split):
+            raise UnusableInput(f"{root}/{split} has no rows: rebuild the dataset with a non-zero dataset."
+                                f"{'val' if split == 'val' else 'train'} share")
+    labels = json.loads(storage.read_bytes(spark, f"{root}/labels.json"))
+    if task.target == "topics":
+        width = _target_width(urls["train"], "topics")
+        if not width:
+            raise UnusableInput(f"{root} has no caption topics: run jobs/train_lda.py and jobs/infer_topics.py, "
+                                "then jobs/build_dataset.py")
+        outputs, labels = width, None
+    else:
+        if t.task == "likability" and labels != ["bad", "good"]:
+            raise UnusableInput(f"train.dataset={t.dataset} holds labels {labels[:4]}, not likability's bad/good: "
+                                "use the likability dataset (build_dataset --set dataset.labels=likability)")
+        if t.task == "city" and labels == ["bad", "good"]:
+            raise UnusableInput(f"train.dataset={t.dataset} is a likability dataset: the city task needs cities")
+        outputs = len(labels)
+    gpu = _gpu(spark, cfg)
+    check_mode(spark, cfg, gpu)
+    world = 1 if t.mode == "inline" else t.processes
+    try:
+        data.plan(urls["train"], world, t.batch_size, cfg.s3.endpoint, cfg.s3.region)
+        build(t, outputs, cfg.s3.endpoint, cfg.s3.region)  # the model, weights and freeze list can be had
+    except (data.DatasetTooSmall, ModelError, TrainError) as e:
+        raise ConfigError(str(e)) from None
+    if t.task == "city" and t.weights == "none" and t.freeze:
+        print("train_cnn: note: the original's recipe (conv1-2 frozen, SGD lr 0.001) presumes ImageNet weights; from "
+              "random weights it stays at chance: use --preset city-scratch", flush=True)
+    train = {**t.model_dump(), "processes": world}
+    checkpoints = (t.checkpoint_dir or f"{lake.root}/checkpoints/train_{t.task}").rstrip("/")
+    if resume:
+        _check_resume(spark, f"{checkpoints}/run.json", train)
+    return {
+        "train": train, "urls": urls, "labels": labels, "outputs": outputs, "dataset": t.dataset,
+        "checkpoints": checkpoints, "export": lake.model(t.task), "report": lake.report(f"train_{t.task}"),
+        "table": lake.table("image_topics") if task.target == "topics" else None,
+        "endpoint": cfg.s3.endpoint, "region": cfg.s3.region, "resume": resume, "gpu": gpu,
+        "threads": _threads(spark, cfg), "rows": {s: int(built["splits"][s]) for s in SPLITS},
+        "preprocessing": {"size": _image_side(urls["train"]), "crop": t.crop, "mean": list(IMAGENET_MEAN),
+                          "std": list(IMAGENET_STD), "note": "images prepared as prepare_images does (size x size), "
+                                                             "then the centre crop x crop"},
+    }
+
+
+def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
+    """Run dl.train.run on every rank; rank 0's result."""
+    from dl.train import run
+
+    t = cfg.train
+    if t.mode == "inline":
+        return run(s)
+    if t.backend == "horovod":
+        from dl.horovod import spark_run
+
+        return spark_run(run, s, num_proc=s["train"]["processes"], use_gpu=s["gpu"])
+    from pyspark.ml.torch.distributor import TorchDistributor
+
+    distributor = TorchDistributor(num_processes=t.processes, local_mode=t.mode == "local", use_gpu=s["gpu"])
+    return distributor.run(run, s)
+
+
+def _begin(spark: SparkSession, s: dict) -> None:
+    """A fresh run removes the old checkpoints, model and report; a resumed one keeps them.
+    Either way the outputs lose their summaries until this run completes."""
+    if not s["resume"]:
+        for uri in (s["checkpoints"], s["export"], s["report"]):
+            storage.delete(spark, uri)
+    storage.write_bytes(spark, f"{s['checkpoints']}/run.json", json.dumps(s["train"], indent=1).encode())
+    begin_output(spark, s["export"])
+    if s["table"]:
+        storage.delete(spark, s["table"])  # the test vectors are rewritten at the end of every run
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.3f}"
+
+
+def report_md(task: str, result: dict) -> str:
+    """The run's figures as Markdown: test figures beside the published ones, the history."""
+    test, pub = result["test"], PUBLISHED[task]
+    best = result["best"] or {}
+    lines = [f"# train_cnn --task {task}", "",
+             f"Best epoch by {best.get('metric')}: {best.get('epoch')} ({_fmt(best.get('value'))}); test rows "
+             f"{test.get('rows')}; {result['world']} process(es) on {result['device']}.", ""]
+    if task == "topics":
+        lines += [f"Test loss (sigmoid cross-entropy per topic): {_fmt(test.get('loss'))}. Retrieval figures: "
+                  "jobs/evaluate_retrieval.py --set retrieval.embeddings=image_topics.", ""]
+    else:
+        key = "top1" if task == "city" else "accuracy"
+        lines += ["| | ours | published |", "|---|---|---|", f"| {key} | {_fmt(test.get(key))} | {_fmt(pub.get(key))} |"]
+        if "ap" in test:
+            lines.append(f"| average precision | {_fmt(test['ap'])} | |")
+            lines.append(f"| positive rate (AP of chance) | {_fmt(test['positive_rate'])} | |")
+        for name, acc in test["per_class"].items():
+            lines.append(f"| {name} | {_fmt(acc)} | {_fmt(pub.get('per_class', {}).get(name))} |")
+        names = list(test["per_class"])
+        lines += ["", "Confusion matrix (rows: true, columns: predicted)", "",
+                  "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| {n} | " + " | ".join(map(str, row)) + " |" for n, row in zip(names, test["confusion"])]
+    keys = [k for k in result["history"][0] if k != "epoch"] if result["history"] else []
+    lines += ["", "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {h['epoch']} | " + " | ".join(f"{h.get(k):.4g}" if isinstance(h.get(k), float) else str(h.get(k))
+                                                for k in keys) + " |" for h in result["history"]]
+    return "\n".join(lines) + "\n"
+
+
+def train_cnn(spark: SparkSession, cfg: Config, resume: bool = False) -> Summary:
+    s = spec(spark, cfg, resume)
+    _begin(spark, s)
+    result = launch(spark, cfg, s)
+    task = cfg.train.task
+    md = report_md(task, result)
+    storage.write_bytes(spark, f"{s['report']}/metrics.md", md.encode())
+    print(md, flush=True)
+    rows = sum(s["rows"].values())
+    if s["table"]:
+        written = spark.read.parquet(s["table"]).count()
+        write_summary(spark, Summary(stage="train_cnn", input_rows=s["rows"]["test"], output_rows=written,
+                                     output=s["table"], extra={"task": task, "split": "test"}))
+    test = {k: v for k, v in result["test"].items() if k not in ("confusion",)}
+    return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s["export"], extra={
+        "task": task, "dataset": s["dataset"], "splits": s["rows"], "model": cfg.train.model,
+        "weights": cfg.train.weights, "processes": s["train"]["processes"], "device": result["device"],
+        "batches_per_epoch": result["batches_per_epoch"], "iterations": result["iterations"],
+        "best": result["best"], "test": test, "history": result["history"], "resumed_from": result["resumed_from"],
+        "report": s["report"], "checkpoints": s["checkpoints"]})

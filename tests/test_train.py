@@ -1,0 +1,248 @@
+"""dl.train + jobs/train_cnn.py: heads and frozen layers, two processes = one with twice the
+batch, a SIGKILLed run resumed ends with the same weights, uneven shards, the three tasks end
+to end through TorchDistributor with 2 processes, exported models the scoring side can load."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_job
+
+SIDE, CROP = 72, 64  # AlexNet needs 63 px at least; small images keep CPU steps short
+TOPICS = 6
+
+
+def _write_dataset(spark, lake: Path, name: str, kind: str, groups: dict[str, list[int]], classes: list[str]):
+    """A Petastorm dataset <lake>/datasets/<name> in build_dataset's layout (the same Unischemas,
+    labels.json, _SUMMARY.json) with exactly the given row-group sizes per split. Images are
+    the class's colour plus noise, so the classes can be told apart."""
+    from petastorm.etl.dataset_metadata import materialize_dataset
+    from petastorm.unischema import dict_to_spark_row
+
+    from sparkml.datasets import cities_schema, likability_schema
+    from sparkml.lake import Summary, write_summary
+
+    schema = cities_schema(SIDE, TOPICS) if kind == "cities" else likability_schema(SIDE)
+    rng = np.random.default_rng(5)
+    colours = rng.integers(0, 256, (len(classes), 3))
+    root = lake / "datasets" / name
+    counts, n = {}, 0
+    for split, sizes in groups.items():
+        rows = []
+        for size in sizes:
+            for _ in range(size):
+                label = n % len(classes)
+                image = np.clip(colours[label] + rng.normal(0, 40, (SIDE, SIDE, 3)), 0, 255).astype(np.uint8)
+                row = {"post_id": f"{split}{n:05d}", "image": image, "label": np.int32(label)}
+                if kind == "cities":
+                    topics = np.full(TOPICS, 0.02, np.float32)
+                    topics[label % TOPICS] = 1 - 0.02 * (TOPICS - 1)
+                    row.update(city=classes[label], topics=None if n % 7 == 3 else topics)
+                else:
+                    row["ratio"] = float(label)
+                rows.append(dict_to_spark_row(schema, row))
+                n += 1
+        url = f"file://{root}/{split}"
+        # one partition (one file, one row group) per group, in order
+        slices = [rows[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+        rdd = spark.sparkContext.parallelize(slices, len(slices)).flatMap(lambda s: s)
+        with materialize_dataset(spark, url, schema, 64):
+            spark.createDataFrame(rdd, schema.as_spark_schema()).write.mode("overwrite").parquet(url)
+        counts[split] = sum(sizes)
+    (root / "labels.json").write_text(json.dumps(classes))
+    write_summary(spark, Summary(stage="build_dataset", input_rows=n, output_rows=n, output=str(root),
+                                 extra={"splits": counts, "labels": classes}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(spark, tmp_path_factory):
+    lake = tmp_path_factory.mktemp("lake_train")
+    cities = [f"city{i}" for i in range(4)]
+    _write_dataset(spark, lake, "even", "cities", {"train": [8, 8], "val": [8], "test": [8]}, cities)
+    _write_dataset(spark, lake, "uneven", "cities", {"train": [12, 5, 9], "val": [6, 5], "test": [7]}, cities)
+    _write_dataset(spark, lake, "long", "cities", {"train": [16, 16], "val": [8], "test": [8]}, cities)
+    _write_dataset(spark, lake, "selfies", "likability", {"train": [10, 10], "val": [8], "test": [12]},
+                   ["bad", "good"])
+    return lake
+
+
+def _sets(lake, **train) -> list[str]:
+    base = {"crop": CROP, "epochs": 1, "log_every": 1, "threads": 1}
+    out = ["--set", f"lake={lake}"]
+    for k, v in {**base, **train}.items():
+        out += ["--set", f"train.{k}={json.dumps(v) if isinstance(v, list) else v}"]
+    return out
+
+
+def _final(lake, task: str) -> dict:
+    from dl import checkpoint
+
+    return checkpoint.load(checkpoint.latest(f"{lake}/checkpoints/train_{task}"))
+
+
+def _summary(lake, task: str) -> dict:
+    return json.loads((Path(lake) / "models" / task / "_SUMMARY.json").read_text())
+
+
+def test_heads_have_the_task_shapes_and_presets_freeze_what_the_original_froze():
+    from dl.train import build
+    from sparkml.config import load_config
+    from sparkml.training import preset
+
+    for task, name, outputs, frozen in (("city", "city", 10, ["features.0", "features.3"]),
+                                        ("likability", "likability", 2, []),
+                                        ("topics", "topics", 500, ["conv1", "inception4d"])):
+        cfg = load_config(ROOT / "conf" / "local.yaml", ["train.weights=none"], preset(task, name))
+        model, names = build(cfg.train, outputs)
+        assert model(torch.zeros(2, 3, 224, 224)).shape == (2, outputs)
+        assert all(f in names for f in frozen)
+        trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+        if task == "city":  # conv1, conv2 fixed; conv3-5 and the classifier trained
+            assert [n for n, p in model.features.named_parameters() if p.requires_grad] == [
+                "6.weight", "6.bias", "8.weight", "8.bias", "10.weight", "10.bias"]
+            assert model.classifier[-1].out_features == 10
+        if task == "topics":  # no auxiliary heads; everything up to inception_4d fixed
+            assert model.aux1 is None and model.aux2 is None
+            assert trainable == {"inception4e", "inception5a", "inception5b", "fc"}
+        if task == "likability":
+            assert trainable == {"features", "classifier"}
+
+
+def test_a_freeze_list_naming_no_module_exits_2(tiny, capsys):
+    rc = run_job("train_cnn", "--task", "city", "--preset", "city-scratch",
+                 *_sets(tiny, dataset="even", freeze=["features.99"], mode="inline", processes=1, batch_size=8))
+    assert rc == 2
+    assert "train.freeze: alexnet has no module 'features.99'" in capsys.readouterr().err
+
+
+def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen_layers_stay(tiny):
+    from dl.models import load_model
+
+    # one plain SGD step, large enough to stand well above float32 rounding of the weights
+    common = dict(dataset="even", optimizer="sgd", lr=1.0, momentum=0.0, dropout=0.0, weights="none",
+                  freeze=["features.0", "features.3"], checkpoint_every=0)
+    assert run_job("train_cnn", "--task", "city", *_sets(tiny, batch_size=8, processes=2, **common)) == 0
+    two = _final(tiny, "city")["model"]
+    s = _summary(tiny, "city")
+    assert s["processes"] == 2 and s["batches_per_epoch"] == 1 and s["iterations"] == 1
+    assert run_job("train_cnn", "--task", "city",
+                   *_sets(tiny, batch_size=16, processes=1, mode="inline", **common)) == 0
+    one = _final(tiny, "city")["model"]
+    start = load_model("alexnet", "none", num_classes=4, seed=0).state_dict()
+    for name, w in start.items():
+        if name.startswith(("features.0.", "features.3.")):
+            assert torch.equal(two[name], w) and torch.equal(one[name], w), name  # frozen: untouched
+        else:
+            step = (one[name] - w).abs().max()
+            assert step > 0, name
+            assert (two[name] - one[name]).abs().max() <= 1e-3 * step + 1e-8, name
+
+
+def test_uneven_shards_run_the_same_number_of_batches_on_every_rank(tiny):
+    # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5
+    assert run_job("train_cnn", "--task", "city", "--preset", "city-scratch",
+                   *_sets(tiny, dataset="uneven", batch_size=2, processes=2, epochs=2, checkpoint_every=0)) == 0
+    s = _summary(tiny, "city")
+    assert s["batches_per_epoch"] == 2 and s["iterations"] == 4 and len(s["history"]) == 2
+    assert s["test"]["rows"] == 7 and s["splits"] == {"train": 26, "val": 11, "test": 7}
+
+
+def _descendants_killed(proc: subprocess.Popen) -> int:
+    import psutil
+
+    procs = [psutil.Process(proc.pid)] + psutil.Process(proc.pid).children(recursive=True)
+    for p in procs:
+        try:
+            p.kill()  # SIGKILL
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(30)
+    return len(procs)
+
+
+def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tiny, tmp_path):
+    from dl import checkpoint
+
+    args = ["--task", "city", "--preset", "city-scratch",
+            *_sets(tiny, dataset="long", model="squeezenet1_1", batch_size=4, processes=2, epochs=3,
+                   checkpoint_every=1, keep_checkpoints=50)]
+    assert run_job("train_cnn", *args) == 0
+    want = _final(tiny, "city")
+    exported = checkpoint.load(f"{tiny}/models/city/model.pt")["model"]
+    assert want["position"]["epoch"] == 3 and want["position"]["iteration"] == 12  # 4 batches x 3 epochs
+
+    root = f"{tiny}/checkpoints/train_city"
+    shutil.rmtree(root)  # what the poll below sees comes from the run it kills
+    log = open(tmp_path / "killed.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "jobs" / "train_cnn.py"), "--config",
+                             str(ROOT / "conf" / "local.yaml"), *args], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = checkpoint.latest(root)
+        if found and int(found[-12:-3]) >= 5:  # iteration 5: epoch 2, batch 1 of 4
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'killed.log').read_text()[-2000:]}"
+    assert _descendants_killed(proc) >= 3  # the job, torchrun's agent and its two training processes
+    at = checkpoint.load(checkpoint.latest(root))["position"]
+    assert 0 < at["batch"] < 4 and at["epoch"] == 1, at  # mid-epoch
+    assert not (tiny / "models" / "city" / "_SUMMARY.json").exists()
+
+    assert run_job("train_cnn", *args, "--resume") == 0
+    s = _summary(tiny, "city")
+    assert s["resumed_from"].endswith(checkpoint.name(at["iteration"]))
+    got = _final(tiny, "city")
+    assert got["position"]["iteration"] == 12
+    for name, w in want["model"].items():
+        assert torch.equal(got["model"][name], w), name  # bit-identical on CPU
+    for name, w in exported.items():
+        assert torch.equal(checkpoint.load(f"{tiny}/models/city/model.pt")["model"][name], w), name
+    assert [h["train_loss"] for h in s["history"]] == [h["train_loss"] for h in want["position"]["history"]]
+
+
+def test_resume_refuses_checkpoints_made_with_other_settings(tiny, capsys):
+    args = ["--task", "city", "--preset", "city-scratch"]
+    assert run_job("train_cnn", *args, *_sets(tiny, dataset="even", batch_size=8, processes=1, mode="inline",
+                                              checkpoint_every=0)) == 0
+    rc = run_job("train_cnn", *args, *_sets(tiny, dataset="even", batch_size=4, processes=1, mode="inline"),
+                 "--resume")
+    assert rc == 2
+    assert "train.batch_size=8 (now 4)" in capsys.readouterr().err
+
+
+def test_likability_and_topics_train_with_two_processes_and_export_loadable_models(tiny, spark):
+    from dl.models import load_model
+
+    assert run_job("train_cnn", "--task", "likability", "--preset", "likability-scratch",
+                   *_sets(tiny, dataset="selfies", batch_size=4, processes=2, epochs=2)) == 0
+    s = _summary(tiny, "likability")
+    assert s["test"]["rows"] == 12 and 0 <= s["test"]["ap"] <= 1 and s["test"]["positive_rate"] == 0.5
+    meta = json.loads((tiny / "models" / "likability" / "model.json").read_text())
+    assert meta["labels"] == ["bad", "good"] and meta["preprocessing"]["size"] == SIDE
+    model = load_model(meta["model"], str(tiny / "models" / "likability" / "model.pt"), num_classes=meta["outputs"])
+    assert model(torch.zeros(1, 3, CROP, CROP)).shape == (1, 2)
+    report = tiny / "reports" / "train_likability"
+    assert (report / "curve.png").read_bytes()[:4] == b"\x89PNG" and list((report / "tensorboard").iterdir())
+    assert "| accuracy |" in (report / "metrics.md").read_text()
+
+    assert run_job("train_cnn", "--task", "topics", "--preset", "topics-scratch",
+                   *_sets(tiny, dataset="even", batch_size=4, processes=2)) == 0
+    s = _summary(tiny, "topics")
+    assert s["best"]["metric"] == "val_loss" and s["test"]["loss"] > 0
+    vectors = spark.read.parquet(str(tiny / "tables" / "image_topics")).toPandas()
+    assert len(vectors) == 8 and set(vectors.split) == {"test"}
+    assert all(len(v) == TOPICS and 0 < min(v) and max(v) < 1 for v in vectors.topics)
+    table = json.loads((tiny / "tables" / "image_topics" / "_SUMMARY.json").read_text())
+    assert table["output_rows"] == 8 and table["balanced"]
+    meta = json.loads((tiny / "models" / "topics" / "model.json").read_text())
+    model = load_model("googlenet", str(tiny / "models" / "topics" / "model.pt"), num_classes=TOPICS,
+                       **meta["model_kwargs"])
+    assert model(torch.zeros(1, 3, CROP, CROP)).shape == (1, TOPICS)
