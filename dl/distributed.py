@@ -2,14 +2,16 @@
 
     b = backend()                       # from the environment torchrun / TorchDistributor set
     model = b.wrap(model.to(b.device))  # DistributedDataParallel, or the model itself alone
+    opt = b.wrap_optimizer(opt, model)  # Horovod's DistributedOptimizer; the same opt otherwise
     b.broadcast(model)                  # every rank starts from rank 0's weights
     loss = b.mean(loss.detach())        # metrics averaged over ranks
     b.close()
 
 `Single` is one process with no distributed setup. `DDP` is torch.distributed from the
 variables torchrun and TorchDistributor export (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT): gloo on CPU, NCCL with one GPU per process. Torch only, no Spark: the function
-TorchDistributor pickles imports this inside.
+MASTER_PORT): gloo on CPU, NCCL with one GPU per process. `dl.horovod.Horovod` is the same
+interface over Horovod. Torch only, no Spark: the function TorchDistributor pickles imports
+this inside.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ class Single:
 
     rank, size, local_rank = 0, 1, 0
 
-    def __init__(self):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def __init__(self, gpu: bool | None = None):
+        self.device = torch.device("cuda" if _cuda(gpu) else "cpu")
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module, accumulate: int = 1):
+        """The optimizer that averages gradients over ranks (Horovod's); DDP's model does it."""
+        return opt
 
     def broadcast(self, model: nn.Module) -> None:
         pass
@@ -57,12 +63,12 @@ class Single:
 class DDP(Single):
     """torch.distributed, one process per rank; gloo on CPU, NCCL on GPU."""
 
-    def __init__(self, timeout_s: int = 1800):
+    def __init__(self, gpu: bool | None = None, timeout_s: int = 1800):
         import torch.distributed as dist
 
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available()
+        cuda = _cuda(gpu)
         self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         if cuda:
             torch.cuda.set_device(self.device)
@@ -102,11 +108,17 @@ class DDP(Single):
             self._dist.destroy_process_group()
 
 
-def backend(kind: str = "ddp") -> Single:
+def _cuda(gpu: bool | None) -> bool:
+    """GPU when asked (and present), the CPU when not; None: the GPU when there is one."""
+    return torch.cuda.is_available() and gpu is not False
+
+
+def backend(kind: str = "ddp", gpu: bool | None = None) -> Single:
     """kind ddp: DDP when the launcher says there are several ranks (WORLD_SIZE > 1), else
-    Single; horovod: the Horovod backend (dl.horovod), whatever the size."""
+    Single; horovod: the Horovod backend (dl.horovod), whatever the size. gpu=False keeps a
+    GPU machine's processes on the CPU."""
     if kind == "horovod":
         from dl.horovod import Horovod
 
-        return Horovod()
-    return DDP() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Single()
+        return Horovod(gpu)
+    return DDP(gpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Single(gpu)

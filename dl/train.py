@@ -148,12 +148,14 @@ class Run:
         self.task = TASKS[self.t.task]
         self.io = {"endpoint": spec.get("endpoint"), "region": spec.get("region")}
         torch.set_num_threads(spec.get("threads") or max(1, (os.cpu_count() or 1) // self.t.processes))
-        self.b = distributed.backend(self.t.backend)
+        self.b = distributed.backend(self.t.backend, spec.get("gpu"))
         self.rank0 = self.b.rank == 0
         self.device = self.b.device
         self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and self.device.type == "cuda")
         self.model, self.frozen = build(self.t, spec["outputs"], **self.io)
-        fmt = torch.channels_last if self.t.channels_last else torch.contiguous_format
+        # Horovod's collectives take contiguous tensors only: its parameters (and so their
+        # gradients) stay in the default format; the inputs are channels_last either way
+        fmt = torch.channels_last if self.t.channels_last and self.t.backend != "horovod" else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
         p = data.plan(spec["urls"]["train"], self.b.size, self.t.batch_size, **self.io)
         self.batches = p.steps - p.steps % self.t.accumulate  # per epoch, a whole number of iterations
@@ -161,7 +163,7 @@ class Run:
             raise TrainError(f"{p.steps} batches per rank per epoch, fewer than train.accumulate={self.t.accumulate}")
         self.iterations = self.t.epochs * self.batches // self.t.accumulate
         params = [q for q in self.model.parameters() if q.requires_grad]
-        self.opt = optimizer(self.t, params, self.b.size)
+        self.opt = self.b.wrap_optimizer(optimizer(self.t, params, self.b.size), self.model, self.t.accumulate)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, schedule(self.t, self.iterations))
         self.pos = {"epoch": 0, "batch": 0, "iteration": 0, "loss_sum": 0.0, "correct": 0, "rows": 0,
                     "history": [], "best": None}
@@ -232,7 +234,7 @@ class Run:
             pos["batch"] = i + 1
             if last:
                 self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                self.opt.zero_grad()  # None grads (the default since torch 2.0; Horovod takes no argument)
                 self.sched.step()
                 pos["iteration"] += 1
                 n_log += 1
@@ -473,6 +475,8 @@ def run(spec: dict) -> dict:
     return Run(spec).fit()
 
 
-if __name__ == "__main__":  # torchrun -m dl.train spec.json (a GPU node without Spark)
+if __name__ == "__main__":  # torchrun -m dl.train spec.json: a node without Spark (a spec the driver wrote)
     with open(sys.argv[1]) as f:
-        print(json.dumps(run(json.load(f))["test"], default=str))
+        figures = run(json.load(f))["test"]
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(figures, default=str), flush=True)

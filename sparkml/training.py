@@ -187,7 +187,7 @@ def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
     if t.backend == "horovod":
         from dl.horovod import spark_run
 
-        return spark_run(run, s, num_proc=s["train"]["processes"], use_gpu=s["gpu"])
+        return spark_run(run, s, num_proc=s["train"]["processes"])
     from pyspark.ml.torch.distributor import TorchDistributor
 
     distributor = TorchDistributor(num_processes=t.processes, local_mode=t.mode == "local", use_gpu=s["gpu"])

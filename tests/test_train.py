@@ -82,6 +82,12 @@ def _sets(lake, **train) -> list[str]:
     return out
 
 
+def _sets_dict(lake, **train) -> list[str]:
+    """_sets as load_config overrides (key=value, no --set)."""
+    args = _sets(lake, **train)
+    return [a for a in args if a != "--set"]
+
+
 def _final(lake, task: str) -> dict:
     from dl import checkpoint
 
@@ -124,6 +130,8 @@ def test_a_freeze_list_naming_no_module_exits_2(tiny, capsys):
 
 
 def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen_layers_stay(tiny):
+    """DDP under TorchDistributor and Horovod under horovod.spark.run, 2 processes x batch 8,
+    against one inline process x batch 16 over the same 16 images."""
     from dl.models import load_model
 
     # one plain SGD step, large enough to stand well above float32 rounding of the weights
@@ -136,20 +144,27 @@ def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen
     assert run_job("train_cnn", "--task", "city",
                    *_sets(tiny, batch_size=16, processes=1, mode="inline", **common)) == 0
     one = _final(tiny, "city")["model"]
+    assert run_job("train_cnn", "--task", "city",
+                   *_sets(tiny, batch_size=8, processes=2, backend="horovod", **common)) == 0
+    hvd = _final(tiny, "city")["model"]
+    assert _summary(tiny, "city")["processes"] == 2
     start = load_model("alexnet", "none", num_classes=4, seed=0).state_dict()
     for name, w in start.items():
         if name.startswith(("features.0.", "features.3.")):
-            assert torch.equal(two[name], w) and torch.equal(one[name], w), name  # frozen: untouched
+            assert all(torch.equal(m[name], w) for m in (one, two, hvd)), name  # frozen: untouched
         else:
             step = (one[name] - w).abs().max()
             assert step > 0, name
             assert (two[name] - one[name]).abs().max() <= 1e-3 * step + 1e-8, name
+            assert (hvd[name] - one[name]).abs().max() <= 1e-3 * step + 1e-8, name
 
 
-def test_uneven_shards_run_the_same_number_of_batches_on_every_rank(tiny):
-    # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5
+def test_uneven_shards_run_the_same_number_of_batches_on_every_rank_in_barrier_mode(tiny):
+    # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5. The
+    # ranks run as Spark barrier tasks (train.mode=cluster, TorchDistributor local_mode=False).
     assert run_job("train_cnn", "--task", "city", "--preset", "city-scratch",
-                   *_sets(tiny, dataset="uneven", batch_size=2, processes=2, epochs=2, checkpoint_every=0)) == 0
+                   *_sets(tiny, dataset="uneven", batch_size=2, processes=2, epochs=2, checkpoint_every=0,
+                          mode="cluster")) == 0
     s = _summary(tiny, "city")
     assert s["batches_per_epoch"] == 2 and s["iterations"] == 4 and len(s["history"]) == 2
     assert s["test"]["rows"] == 7 and s["splits"] == {"train": 26, "val": 11, "test": 7}
@@ -246,3 +261,33 @@ def test_likability_and_topics_train_with_two_processes_and_export_loadable_mode
     model = load_model("googlenet", str(tiny / "models" / "topics" / "model.pt"), num_classes=TOPICS,
                        **meta["model_kwargs"])
     assert model(torch.zeros(1, 3, CROP, CROP)).shape == (1, TOPICS)
+
+
+def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
+    # a fresh driver (the test session's static Spark settings cannot change): barrier stages
+    # are refused under dynamic allocation, so the job says so before anything starts
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "train_cnn.py"), "--config",
+                          str(ROOT / "conf" / "local.yaml"), "--task", "city", "--preset", "city-scratch",
+                          *_sets(tiny, dataset="even", batch_size=4, mode="cluster"),
+                          "--set", "spark.dynamicAllocation.enabled=true",
+                          "--set", "spark.dynamicAllocation.shuffleTracking.enabled=true"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "train.mode=cluster runs a barrier stage, which Spark refuses under dynamic allocation" in out.stderr
+
+
+def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spark, tmp_path):
+    """A GPU node without Spark: the driver's spec as JSON, `torchrun -m dl.train spec.json`."""
+    from sparkml.config import load_config
+    from sparkml.training import preset, spec
+
+    cfg = load_config(ROOT / "conf" / "local.yaml", _sets_dict(tiny, dataset="even", batch_size=4, epochs=1),
+                      preset("city", "city-scratch"))
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({**spec(spark, cfg, False), "checkpoints": str(tmp_path / "ck"),
+                                "export": str(tmp_path / "model"), "report": str(tmp_path / "report")}))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "dl.train", str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["rows"] == 8  # rank 0 prints the test figures
+    assert (tmp_path / "model" / "model.pt").exists() and list((tmp_path / "ck").glob("step-*.pt"))
