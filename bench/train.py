@@ -99,9 +99,9 @@ def main() -> None:
             sys.exit(f"{url} is missing: run `make demo` first (or give --lake)")
         target = TASKS[task].target
         labels = json.load(open(f"{args.lake}/datasets/{t.dataset}/labels.json"))
-        from sparkml.training import _target_width
+        from sparkml.training import _field_width
 
-        outputs = _target_width(url, "topics") if target == "topics" else len(labels)
+        outputs = _field_width(url, "topics") if target == "topics" else len(labels)
         limit = step_limit(t, outputs, target)
         loader = loader_alone(url, t, target, outputs)
         one = job(args.lake, task, 1, "inline")

@@ -62,11 +62,16 @@ class TrainError(ValueError):
     """A training setup that cannot run (bad freeze list, too few batches): said in one line."""
 
 
+def builder_kwargs(t) -> dict:
+    """torchvision builder arguments the weights need: a GoogLeNet / Inception that starts from
+    ImageNet weights (or a checkpoint fine-tuned from them) normalises its input as those did."""
+    return {"transform_input": True} if t.model in models.AUX_HEADS and t.weights != "none" else {}
+
+
 def build(t, outputs: int, endpoint: str | None = None, region: str | None = None) -> tuple[nn.Module, list[str]]:
     """The model with its new head and the names of its frozen modules (their weights fixed)."""
-    kwargs = {"transform_input": True} if t.model in models.AUX_HEADS and t.weights != "none" else {}
     model = models.load_model(t.model, t.weights, num_classes=outputs, endpoint=endpoint, region=region,
-                              seed=t.seed, **kwargs)
+                              seed=t.seed, **builder_kwargs(t))
     names = dict(model.named_modules())
     for prefix in t.freeze:
         if prefix not in names:
@@ -357,9 +362,8 @@ class Run:
 
     def meta(self, epoch: int, val: dict) -> dict:
         t = self.t
-        kwargs = {"transform_input": True} if t.model in models.AUX_HEADS and t.weights != "none" else {}
         return {"task": t.task, "model": t.model, "outputs": self.spec["outputs"], "labels": self.spec["labels"],
-                "model_kwargs": kwargs, "target": self.task.target,
+                "model_kwargs": builder_kwargs(t), "target": self.task.target,
                 "output": "softmax" if self.task.loss == "ce" else "sigmoid",
                 "preprocessing": self.spec["preprocessing"], "epoch": epoch,
                 "validation": {k: v for k, v in val.items() if k != "confusion"},

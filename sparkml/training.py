@@ -49,18 +49,13 @@ def preset(task: str | None, name: str | None) -> dict:
     return tree
 
 
-def _target_width(url: str, column: str) -> int | None:
-    """The width of a dataset's vector column (from its Unischema), None when it has none."""
+def _field_width(url: str, column: str) -> int | None:
+    """The first dimension of a dataset column (from its Unischema): a vector's width, the
+    image's side; None when the dataset has no such column."""
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
 
     field = get_schema_from_dataset_url(storage.qualify(url)).fields.get(column)
     return None if field is None else (int(field.shape[0]) if field.shape else 0)
-
-
-def _image_side(url: str) -> int:
-    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
-
-    return int(get_schema_from_dataset_url(storage.qualify(url)).fields["image"].shape[0])
 
 
 def _gpu(spark: SparkSession, cfg: Config) -> bool:
@@ -138,7 +133,7 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
                                 f"{'val' if split == 'val' else 'train'} share")
     labels = json.loads(storage.read_bytes(spark, f"{root}/labels.json"))
     if task.target == "topics":
-        width = _target_width(urls["train"], "topics")
+        width = _field_width(urls["train"], "topics")
         if not width:
             raise UnusableInput(f"{root} has no caption topics: run jobs/train_lda.py and jobs/infer_topics.py, "
                                 "then jobs/build_dataset.py")
@@ -171,7 +166,7 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
         "table": lake.table("image_topics") if task.target == "topics" else None,
         "endpoint": cfg.s3.endpoint, "region": cfg.s3.region, "resume": resume, "gpu": gpu,
         "threads": _threads(spark, cfg), "rows": {s: int(built["splits"][s]) for s in SPLITS},
-        "preprocessing": {"size": _image_side(urls["train"]), "crop": t.crop, "mean": list(IMAGENET_MEAN),
+        "preprocessing": {"size": _field_width(urls["train"], "image"), "crop": t.crop, "mean": list(IMAGENET_MEAN),
                           "std": list(IMAGENET_STD), "note": "images prepared as prepare_images does (size x size), "
                                                              "then the centre crop x crop"},
     }
