@@ -159,6 +159,24 @@ def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen
             assert (hvd[name] - one[name]).abs().max() <= 1e-3 * step + 1e-8, name
 
 
+def test_two_accumulated_batches_of_b_take_the_same_step_as_one_batch_of_2b(tiny):
+    from dl.models import load_model
+
+    common = dict(dataset="even", optimizer="sgd", lr=1.0, momentum=0.0, dropout=0.0, weights="none", freeze=[],
+                  checkpoint_every=0, mode="inline", processes=1)
+    assert run_job("train_cnn", "--task", "city", *_sets(tiny, batch_size=8, **common)) == 0
+    whole = _final(tiny, "city")["model"]
+    assert run_job("train_cnn", "--task", "city", *_sets(tiny, batch_size=4, accumulate=2, **common)) == 0
+    s = _summary(tiny, "city")
+    assert s["batches_per_epoch"] == 4 and s["iterations"] == 2  # 16 rows: 4 batches of 4, 2 steps
+    parts = _final(tiny, "city")["model"]
+    start = load_model("alexnet", "none", num_classes=4, seed=0).state_dict()
+    for name, w in start.items():
+        moved = (whole[name] - w).abs().max()
+        assert moved > 0, name
+        assert (parts[name] - whole[name]).abs().max() <= 1e-3 * moved + 1e-8, name
+
+
 def test_uneven_shards_run_the_same_number_of_batches_on_every_rank_in_barrier_mode(tiny):
     # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5. The
     # ranks run as Spark barrier tasks (train.mode=cluster, TorchDistributor local_mode=False).
