@@ -68,12 +68,9 @@ class DDP(Single):
 
         self.rank, self.size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = _cuda(gpu)
-        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
+        self.device = rank_device(self.local_rank, gpu)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.size,
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo", rank=self.rank, world_size=self.size,
                                     timeout=timedelta(seconds=timeout_s))
         self._dist = dist
 
@@ -111,6 +108,15 @@ class DDP(Single):
 def _cuda(gpu: bool | None) -> bool:
     """GPU when asked (and present), the CPU when not; None: the GPU when there is one."""
     return torch.cuda.is_available() and gpu is not False
+
+
+def rank_device(local_rank: int, gpu: bool | None) -> torch.device:
+    """One GPU per process (cuda:<local_rank>, made current), or the CPU."""
+    if not _cuda(gpu):
+        return torch.device("cpu")
+    device = torch.device(f"cuda:{local_rank}")
+    torch.cuda.set_device(device)
+    return device
 
 
 def backend(kind: str = "ddp", gpu: bool | None = None) -> Single:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dl.distributed import Single, _cuda
+from dl.distributed import Single, rank_device
 
 
 class Horovod(Single):
@@ -23,10 +23,7 @@ class Horovod(Single):
         hvd.init()
         self.hvd = hvd
         self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
-        cuda = _cuda(gpu)
-        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
+        self.device = rank_device(self.local_rank, gpu)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model itself, with rank 0's weights on every rank (the optimizer averages)."""
