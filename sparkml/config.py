@@ -28,11 +28,14 @@ class Section(BaseModel):
 
 
 class Source(Section):
-    path: str = Field(description="URI of the input: an InstaCities1M folder or a manifest file")
+    path: str = Field(description="URI of the input: an InstaCities1M folder, a manifest file, an Instagram "
+                                  "export folder or a folder of images")
     layout: Literal[LAYOUTS] = Field(
         description="instacities: <root>/img_resized_1M/cities_instagram/<city>/<id>.jpg (or the "
         "split layout <root>/img/<split>/<city>/<id>.jpg) with captions beside; manifest: CSV, "
-        "JSON Lines or Parquet with post_id, image and optional fields"
+        "JSON Lines or Parquet with post_id, image and optional fields; instagram: an account export's folder "
+        "(content/posts_1.json or your_instagram_activity/content/posts_1.json, media beside); folder: every "
+        "image under a folder (post_id = its path without the extension)"
     )
 
 
@@ -249,6 +252,20 @@ class Train(Section):
     prefetch: int = Field(4, ge=1, description="batches decoded ahead of the step")
 
 
+class Score(Section):
+    input: str | None = Field(None, description="URI of the images to score: a folder, a manifest, an Instagram "
+                                                "export, InstaCities folders or an images table (score.layout)")
+    layout: Literal["folder", "manifest", "instagram", "instacities", "images"] = Field(
+        "folder", description="how score.input is laid out (as source.layout); images: a prepared images table (a "
+                              "URI, or a table name under <lake>/tables/)")
+    models: list[Literal["city", "topics", "likability", "likability_svm"]] = Field(
+        ["city", "topics", "likability", "likability_svm"], min_length=1,
+        description="models to score with; those not trained are skipped and listed in the summary")
+    labels: list[str] | None = Field(None, description="the city labels the caller expects models/city to predict "
+                                                       "(in order); a model with others is refused")
+    batch_rows: int = Field(64, ge=1, description="images per forward pass (one Arrow batch)")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -269,6 +286,7 @@ class Config(Section):
     features: Features = Field(default_factory=Features)
     svm: Svm = Field(default_factory=Svm)
     train: Train = Field(default_factory=Train)
+    score: Score = Field(default_factory=Score)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

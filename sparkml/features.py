@@ -155,6 +155,7 @@ def extract_features(spark, cfg) -> "Summary":
     per_image = len(layers) * (2 if f.mirror else 1)
     return Summary(stage="extract_features", input_rows=images.count(), output_rows=posts, rejected=rejected,
                    output=out, extra={"rows": rows, "rows_per_image": per_image, "model": f.model,
-                                      "weights": f.weights, "layers": list(layers), "mirror": f.mirror, "dims": dims,
+                                      "weights": f.weights, "seed": f.seed, "layers": list(layers), "mirror": f.mirror,
+                                      "dims": dims,
                                       "precision": f.precision,
                                       "dataset": f.dataset})

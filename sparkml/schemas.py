@@ -25,6 +25,7 @@ class Reason(str, Enum):
     DUPLICATE_POST = "duplicate_post"        # the same post_id was already ingested
     BAD_MANIFEST_ROW = "bad_manifest_row"    # a manifest row without post_id/image, or unparsable
     UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
+    VIDEO = "video"                          # an Instagram export's video (the studies use still images)
     # prepare_images
     NOT_AN_IMAGE = "not_an_image"            # the bytes are no image format we read (an HTML error page, ...)
     DECOMPRESSION_BOMB = "decompression_bomb"  # the header claims more pixels than prepare.max_pixels
@@ -57,7 +58,11 @@ class CaptionStatus(str, Enum):
 
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("instacities", "manifest")  # source.layout values
+LAYOUTS = ("instacities", "manifest", "instagram", "folder")  # source.layout values
+# An Instagram account export ("Download your information", JSON): the posts files, under the
+# export root, in the layouts the app has used; media URIs in them are relative to the root.
+INSTAGRAM_POSTS = ("content/posts_*.json", "your_instagram_activity/content/posts_*.json")
+VIDEO_EXTENSIONS = ("mp4", "mov", "m4v", "webm", "avi", "3gp")
 # InstaCities1M as distributed: <root>/<IMG_DIR>/<city>/<id>.jpg, captions in <root>/<CAP_DIR>/<city>/<id>.txt;
 # the split layout: <root>/<SPLIT_IMG>/<split>/<city>/<id>.jpg and <root>/<SPLIT_CAP>/<split>/<city>/<id>.txt.
 IMG_DIR, CAP_DIR = "img_resized_1M/cities_instagram", "captions_resized_1M/cities_instagram"
@@ -174,6 +179,19 @@ IMAGE_TOPICS = T.StructType([
     T.StructField("topics", T.ArrayType(T.FloatType(), False), False),  # the regressor's sigmoid outputs
 ])
 
+# One row per scored image and model (jobs/score.py); the columns of the other models are null.
+SCORES = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("model", T.StringType(), False),       # city | topics | likability | likability_svm
+    T.StructField("version", T.StringType(), False),     # digest of the model's model.json / _SUMMARY.json
+    T.StructField("city", T.StringType(), True),         # city: the most probable city
+    T.StructField("city_probs", T.MapType(T.StringType(), T.FloatType(), False), True),  # city: softmax per city
+    T.StructField("topics", T.ArrayType(T.FloatType(), False), True),  # topics: the regressor's sigmoid outputs
+    # likability: logit(good) - logit(bad); likability_svm: the LinearSVC margin (> 0: good)
+    T.StructField("likability_score", T.DoubleType(), True),
+    T.StructField("likability_prob", T.DoubleType(), True),  # likability: softmax P(good); null for the SVM
+])
+
 
 def to_arrow(schema: T.StructType) -> pa.Schema:
     """The Arrow schema of a Spark schema (what mapInArrow batches must carry)."""
@@ -216,5 +234,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("retrieval", RETRIEVAL, "retrieve"),
     Table("features", FEATURES, "extract_features"),
     Table("image_topics", IMAGE_TOPICS, "train_cnn"),
+    Table("scores", SCORES, "score"),
     Table("rejected", REJECTED, "every stage (partition stage=<stage>)"),
 )}

@@ -1,4 +1,5 @@
-"""Ingest: InstaCities1M folders or a manifest -> <lake>/tables/posts (+ rejected).
+"""Ingest: InstaCities1M folders, a manifest, an Instagram account export or a folder of
+images -> <lake>/tables/posts (+ rejected).
 
 Decisions (which records to reject, which are duplicate posts) are made on metadata
 only: file listings and object sizes. Image bytes are read once, in a final pass that
@@ -7,6 +8,7 @@ never shuffles them, so ingest costs one read of the images plus one write.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Iterator
 
@@ -18,8 +20,8 @@ from pyspark.sql import types as T
 from sparkml import storage
 from sparkml.config import Config, ConfigError
 from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
-from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, MANIFEST_COLUMNS, POSTS, SPLIT_CAP, SPLIT_IMG,
-                             SPLITS, TABLES, CaptionStatus, Reason)
+from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, INSTAGRAM_POSTS, MANIFEST_COLUMNS, POSTS, SPLIT_CAP,
+                             SPLIT_IMG, SPLITS, TABLES, VIDEO_EXTENSIONS, CaptionStatus, Reason)
 
 STAGE = "ingest"
 
@@ -156,7 +158,13 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
     """(todo, rejects, input_keys, flags) for a manifest source."""
     uri = cfg.source.path
     raw = read_manifest(spark, uri).withColumn("_row", F.monotonically_increasing_id())
-    base_dir = storage.parent(uri)
+    return manifest_rows(spark, raw, storage.parent(uri), cfg)
+
+
+def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
+                  cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """(todo, rejects, input_keys, flags) of manifest-shaped rows (MANIFEST_COLUMNS as text,
+    _corrupt, a unique _row), image references resolved against base_dir."""
     blank = lambda c: F.col(c).isNull() | (F.trim(F.col(c)) == "")  # noqa: E731
     problem = (F.when(F.col("_corrupt").isNotNull(), F.concat(F.lit("unparsable row: "), F.substring("_corrupt", 1, 200)))
                .when(blank("post_id"), F.lit("missing post_id"))
@@ -204,7 +212,121 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
         raw.select(F.col("_row").alias("key")), flags
 
 
-# ---------------------------------------------------------------- reading the bytes (both layouts)
+# ---------------------------------------------------------------- a personal archive: Instagram export or folder
+
+
+def repair_mojibake(text: str | None) -> str | None:
+    """Instagram's export writes each UTF-8 byte of a caption as its own \\u00XX escape, so
+    'café' reads back as 'cafÃ©': re-encode those code points as the bytes they were and decode
+    them as UTF-8. Text that is not of that shape (a character above U+00FF, bytes that are not
+    UTF-8) is already right and comes back unchanged."""
+    if not text:
+        return text
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return text
+
+
+def _stem(uri: str) -> str:
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def _ext(uri: str) -> str:
+    name = uri.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def export_posts_files(root: str, endpoint: str | None = None, region: str | None = None) -> list[str]:
+    """The posts_N.json files of an Instagram export at root, in order; ConfigError if none."""
+    import fnmatch
+
+    q = storage.qualify(root).rstrip("/")
+    files = [u for u, _ in storage.list_files(q, endpoint, region)]
+    found = sorted(u for u in files for pattern in INSTAGRAM_POSTS if fnmatch.fnmatch(u[len(q) + 1:], pattern))
+    if not found:
+        raise ConfigError(f"source.path {root}: no {' or '.join(INSTAGRAM_POSTS)} (source.layout=instagram expects "
+                          "the unzipped folder of an Instagram 'Download your information' export in JSON format)")
+    return found
+
+
+def export_media(posts: list) -> list[dict]:
+    """One record per media item of a parsed posts_N.json: its uri, the post's caption (repaired)
+    and time, and its index in the post (carousel posts hold several media)."""
+    if not isinstance(posts, list):
+        raise ValueError("not a list of posts")
+    out = []
+    for p, post in enumerate(posts):
+        media = post.get("media") if isinstance(post, dict) else None
+        if not isinstance(media, list):
+            out.append({"post": p, "index": 0, "uri": None, "caption": None, "posted_at": None})
+            continue
+        caption = post.get("title") or (media[0].get("title") if len(media) == 1 and isinstance(media[0], dict)
+                                        else None)
+        for i, m in enumerate(media):
+            m = m if isinstance(m, dict) else {}
+            ts = m.get("creation_timestamp", post.get("creation_timestamp"))
+            out.append({"post": p, "index": i, "uri": m.get("uri"), "caption": repair_mojibake(caption),
+                        "posted_at": None if ts is None else str(ts)})
+    return out
+
+
+def _archive_raw(spark: SparkSession, cfg: Config) -> tuple[list[dict], list[tuple]]:
+    """(manifest-shaped rows of the archive's images, (key, reason, detail) of what is not one)."""
+    root = storage.qualify(cfg.source.path).rstrip("/")
+    rows, rejects = [], []
+    if cfg.source.layout == "folder":
+        if not storage.is_dir(spark, root):
+            raise ConfigError(f"source.path {cfg.source.path} is not a folder (source.layout=folder)")
+        for uri, _ in storage.list_files(root, cfg.s3.endpoint, cfg.s3.region):
+            rel = uri[len(root) + 1:]
+            if rel.startswith(".") or "/." in rel:
+                continue  # hidden files (.DS_Store, ._*) are the file system's, not the archive's
+            ext = _ext(uri)
+            if ext in IMAGE_EXTENSIONS:
+                rows.append({"post_id": rel.rsplit(".", 1)[0], "image": uri})
+            else:
+                rejects.append((None, Reason.VIDEO if ext in VIDEO_EXTENSIONS else Reason.UNRECOGNIZED_FILE, uri))
+        return rows, rejects
+    for posts_file in export_posts_files(root, cfg.s3.endpoint, cfg.s3.region):
+        try:
+            media = export_media(json.loads(storage.read_bytes(spark, posts_file)))
+        except (ValueError, AttributeError) as e:
+            raise ConfigError(f"{posts_file} is not an Instagram posts file ({e})") from None
+        for m in media:
+            key = f"{posts_file}#{m['post']}/{m['index']}"
+            uri = m["uri"]
+            if not isinstance(uri, str) or not uri.strip():
+                rejects.append((None, Reason.BAD_MANIFEST_ROW, f"{key}: a post without media[].uri"))
+            elif _ext(uri) in VIDEO_EXTENSIONS:
+                rejects.append((_stem(uri), Reason.VIDEO, uri))
+            elif _ext(uri) not in IMAGE_EXTENSIONS:
+                rejects.append((_stem(uri), Reason.UNRECOGNIZED_FILE, uri))
+            else:
+                rows.append({"post_id": _stem(uri), "image": uri, "caption": m["caption"], "posted_at": m["posted_at"]})
+    return rows, rejects
+
+
+def ingest_archive(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """(todo, rejects, input_keys, flags) for an Instagram export or a folder of images: the
+    images become manifest rows (so duplicates, missing and empty files are handled alike);
+    videos and other files are rejected with their reason."""
+    rows, skipped = _archive_raw(spark, cfg)
+    strings = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS])
+    raw = spark.createDataFrame([tuple(r.get(c) for c in MANIFEST_COLUMNS) for r in rows], strings) \
+        .withColumn("_corrupt", F.lit(None).cast("string")).withColumn("_row", F.monotonically_increasing_id())
+    todo, rejects, inputs, flags = manifest_rows(spark, raw, storage.qualify(cfg.source.path), cfg)
+    inputs = inputs.select(F.col("key").cast("string"))
+    if skipped:
+        other = spark.createDataFrame([(k, r.value, d) for k, r, d in skipped],
+                                      "post_id string, reason string, detail string")
+        rejects = rejects.unionByName(other)
+        inputs = inputs.unionByName(other.select(F.col("detail").alias("key")))
+    return todo, rejects, inputs, flags
+
+
+# ---------------------------------------------------------------- reading the bytes (every layout)
 
 
 def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
@@ -254,8 +376,10 @@ def ingest(spark: SparkSession, cfg: Config) -> Summary:
     flags: dict[str, int] = {}
     if cfg.source.layout == "instacities":
         todo, rejects, inputs = ingest_instacities(spark, cfg)
-    else:
+    elif cfg.source.layout == "manifest":
         todo, rejects, inputs, flags = ingest_manifest(spark, cfg)
+    else:
+        todo, rejects, inputs, flags = ingest_archive(spark, cfg)
     rejected = write_rejected(spark, lake, STAGE, rejects)
     write_table(read_posts(spark, todo, cfg), lake, "posts")
     written = spark.read.parquet(out)

@@ -42,9 +42,10 @@ def resolve(base_dir: str, ref: str) -> str:
             return qualify(ref)
         scheme_host = base[: base.index("/", base.index("://") + 3)]
         return scheme_host + posixpath.normpath(ref)
-    split = urlsplit(base)
-    joined = posixpath.normpath(posixpath.join(split.path or "/", ref))
-    return f"{split.scheme}://{split.netloc}{joined}"
+    scheme, rest = base.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    joined = posixpath.normpath(posixpath.join("/" + path, ref))
+    return f"{scheme}://{netloc}{joined}"
 
 
 def parent(uri: str) -> str:
@@ -139,11 +140,9 @@ def arrow_filesystem(scheme: str, endpoint: str | None = None, region: str | Non
 
 def arrow_path(uri: str) -> tuple[str, str]:
     """(scheme, path as pyarrow.fs expects it) for a URI."""
-    q = qualify(uri)
-    split = urlsplit(q)
-    if split.scheme == "file":
-        return "file", split.path
-    return split.scheme, f"{split.netloc}{split.path}"
+    # not urlsplit: '#' and '?' are legal in file and object names (Instagram exports, user folders)
+    scheme, rest = qualify(uri).split("://", 1)
+    return scheme, rest
 
 
 def read_uri(uri: str, endpoint: str | None = None, region: str | None = None) -> bytes | None:

@@ -319,7 +319,7 @@ def train_svm(spark, cfg):
         {"layer": k[0], "algorithm": k[1], "variant": k[2], "test_ap": v} for k, v in PUBLISHED.items()],
         "test_positive_rate": positive_rate, "search": s.search, "folds": s.folds, "c_grid": list(s.c_grid),
         "best": {k: best[k] for k in ("layer", "variant", "model", "params", "validation_metric", "test_ap")},
-        "features": _provenance(feats), "variants": list(variants), "rf_trees": s.rf_trees}
+        "features": _provenance(spark, lake, feats), "variants": list(variants), "rf_trees": s.rf_trees}
     md = markdown(body)
     storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1, default=float).encode())
     storage.write_bytes(spark, f"{report}/metrics.md", md.encode())
@@ -336,10 +336,13 @@ def train_svm(spark, cfg):
                    rejected=rejected, output=models, extra=extra)
 
 
-def _provenance(feats) -> dict:
+def _provenance(spark, lake, feats) -> dict:
     """Which network made the features (a scoring job must compute the same ones)."""
+    from sparkml.lake import read_summary
+
     rows = feats.select("model", "weights").distinct().collect()
-    return {"model": sorted({r["model"] for r in rows}), "weights": sorted({r["weights"] for r in rows})}
+    return {"model": sorted({r["model"] for r in rows}), "weights": sorted({r["weights"] for r in rows}),
+            "seed": read_summary(spark, lake.table("features")).get("seed")}
 
 
 def markdown(body: dict) -> str:

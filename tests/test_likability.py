@@ -189,7 +189,14 @@ SVM_SETS = ["--set", "svm.layers=[fc7]", "--set", "svm.c_grid=[0.0001]", "--set"
             "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=50"]
 
 
-def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark, featured):
+@pytest.fixture(scope="module")
+def svm(featured):
+    lake, truth = featured
+    assert run_job("train_svm", "--set", f"lake={lake.root}", *SVM_SETS) == 0
+    return lake, truth
+
+
+def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark, svm):
     """Every algorithm gets a row per variant, sized as the dataset's splits; the positive rate
     is the test split's; the published figures stand beside ours; each saved PipelineModel
     reloads and gives its reported AP again. (Spark vs scikit-learn agreement: tests/test_svm.py,
@@ -199,8 +206,7 @@ def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark
     from pyspark.sql import functions as F
     from sklearn.metrics import average_precision_score
 
-    lake, _ = featured
-    assert run_job("train_svm", "--set", f"lake={lake.root}", *SVM_SETS) == 0
+    lake, _ = svm
     root = lake.dataset("liked")
     data = {sp: spark.read.parquet(f"{root}/{sp}").select("post_id", "label").toPandas() for sp in SPLITS}
     n_train = len(data["train"]) + len(data["val"])
@@ -229,6 +235,30 @@ def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark
             F.col("label").cast("int").alias("label"), vector_to_array("rawPrediction")[1].alias("s")).toPandas()
         variant = "flipped+normal" if name.endswith("flipped_normal") else "normal"
         assert average_precision_score(scored.label, scored.s) == pytest.approx(got[("spark_linearsvc", variant)]["test_ap"])
+
+
+def test_scoring_with_the_saved_svm_gives_its_margins_on_the_training_jobs_features(spark, svm):
+    """jobs/score.py extracts the features on the fly (the network features.* names) and runs
+    the best saved pipeline: on the dataset's test images its margins are the saved model's
+    on the features extract_features wrote for them."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+
+    lake, _ = svm
+    best = read_summary(spark, lake.model("likability_svm"))["best"]
+    assert run_job("score", "--set", f"lake={lake.root}", "--set", "score.layout=images",
+                   "--set", f"score.input={lake.dataset('liked')}/test", "--set", "score.models=[likability_svm]") == 0
+    got = spark.read.parquet(lake.table("scores")).toPandas().set_index("post_id")
+    feats = spark.read.parquet(lake.table("features")).where(
+        f"layer = '{best['layer']}' and not mirrored and split = 'test'")
+    want = PipelineModel.load(best["model"]).transform(feats.withColumn("features", array_to_vector("vector"))) \
+        .select("post_id", vector_to_array("rawPrediction")[1].alias("s")).toPandas().set_index("post_id").s
+    assert set(got.index) == set(want.index) and set(got.model) == {"likability_svm"}
+    np.testing.assert_allclose(got.likability_score[want.index], want, rtol=1e-4, atol=1e-4)
+    assert got.likability_prob.isna().all()  # LinearSVC has no probability
+    assert run_job("score", "--set", f"lake={lake.root}", "--set", "score.layout=images",
+                   "--set", f"score.input={lake.dataset('liked')}/test", "--set", "score.models=[likability_svm]",
+                   "--set", "features.model=resnet18") == 2
 
 
 def test_svm_with_one_class_in_training_is_a_clear_error(spark, featured, tmp_path, capsys):

@@ -280,6 +280,28 @@ def test_likability_and_topics_train_with_two_processes_and_export_loadable_mode
                        **meta["model_kwargs"])
     assert model(torch.zeros(1, 3, CROP, CROP)).shape == (1, TOPICS)
 
+    # jobs/score.py on the test images gives what the training job's own evaluation gave:
+    # the same topic vectors it wrote to image_topics, the same likability test accuracy
+    score = ["--set", f"lake={tiny}", "--set", f"prepare.size={SIDE}", "--set", "score.layout=images"]
+    assert run_job("score", *score, "--set", f"score.input={tiny / 'datasets' / 'even' / 'test'}",
+                   "--set", "score.models=[topics]") == 0
+    scored = spark.read.parquet(str(tiny / "tables" / "scores")).toPandas().set_index("post_id")
+    assert set(scored.model) == {"topics"} and set(scored.index) == set(vectors.post_id)
+    for pid, v in zip(vectors.post_id, vectors.topics):
+        np.testing.assert_allclose(scored.topics[pid], v, atol=1e-5)
+    assert run_job("score", *score, "--set", f"score.input={tiny / 'datasets' / 'selfies' / 'test'}",
+                   "--set", "score.models=[likability,likability_svm]") == 0
+    scored = spark.read.parquet(str(tiny / "tables" / "scores")).toPandas()
+    labels = spark.read.parquet(str(tiny / "datasets" / "selfies" / "test")).toPandas().set_index("post_id").label
+    assert len(scored) == 12 and set(scored.model) == {"likability"}
+    good = scored.likability_prob > 0.5
+    assert np.array_equal(good, scored.likability_score > 0)
+    accuracy = float(np.mean(good.to_numpy() == (labels[scored.post_id].to_numpy() == 1)))
+    assert accuracy == pytest.approx(_summary(tiny, "likability")["test"]["accuracy"])
+    summary = json.loads((tiny / "tables" / "scores" / "_SUMMARY.json").read_text())
+    assert summary["balanced"] and summary["output_rows"] == 12 and summary["images_per_s"] > 0
+    assert "jobs/train_svm.py" in summary["missing_models"]["likability_svm"]
+
 
 def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
     # a fresh driver (the test session's static Spark settings cannot change): barrier stages
