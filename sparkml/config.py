@@ -266,6 +266,29 @@ class Score(Section):
     batch_rows: int = Field(64, ge=1, description="images per forward pass (one Arrow batch)")
 
 
+class Explore(Section):
+    images: str | None = Field(None, description="images table to explore (default <lake>/tables/images): an archive "
+                                                 "ingested with source.layout=instagram or folder, then prepared")
+    features: Literal["model", "pixels"] = Field(
+        "model", description="model: a torchvision network's layer (explore.model / explore.layer); pixels: the raw "
+                             "pixels at explore.pixels (the original's first try; 67,500 values an image at 150)")
+    model: str = Field("vgg19", description="torchvision model for features=model")
+    layer: Literal["fc6", "fc7", "prelogit"] = Field("fc7", description="its layer (fc7: the original's)")
+    weights: str = Field("none", description="none (random init from explore.seed), imagenet (needs internet; also "
+                                             "gives the cluster labels) or a state_dict URI")
+    seed: int = Field(0, description="seed of the random init, K-Means, the map's sample and t-SNE")
+    pixels: int = Field(150, ge=8, description="side of the raw-pixel features")
+    k: int = Field(10, ge=2, description="clusters kept (the original: 10)")
+    k_range: list[int] = Field([4, 6, 8, 10, 12, 14], description="k values whose silhouette is measured")
+    max_iter: int = Field(40, ge=1, description="K-Means iterations")
+    tsne_sample: int = Field(2000, ge=4, description="images on the t-SNE map (a hash of post_id picks them)")
+    perplexity: float = Field(30.0, gt=1, description="t-SNE perplexity (lowered for small samples)")
+    map_thumbnails: int = Field(400, ge=0, description="of those, images drawn as thumbnails (the rest as dots)")
+    sheet: int = Field(25, ge=1, description="images per cluster contact sheet")
+    batch_rows: int = Field(32, ge=1, description="images per forward pass (one Arrow batch)")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: bfloat16 autocast (GPU executors)")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -287,6 +310,7 @@ class Config(Section):
     svm: Svm = Field(default_factory=Svm)
     train: Train = Field(default_factory=Train)
     score: Score = Field(default_factory=Score)
+    explore: Explore = Field(default_factory=Explore)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

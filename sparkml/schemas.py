@@ -192,6 +192,15 @@ SCORES = T.StructType([
     T.StructField("likability_prob", T.DoubleType(), True),  # likability: softmax P(good); null for the SVM
 ])
 
+CLUSTERS = T.StructType([
+    T.StructField("post_id", T.StringType(), False),
+    T.StructField("cluster", T.IntegerType(), False),    # K-Means cluster of explore.k, 0..k-1
+    T.StructField("distance", T.DoubleType(), False),    # Euclidean distance to its cluster's centre
+    T.StructField("x", T.DoubleType(), True),            # t-SNE map position (null outside the map's sample)
+    T.StructField("y", T.DoubleType(), True),
+    T.StructField("category", T.StringType(), True),     # the top-1 ImageNet class (explore.weights=imagenet)
+])
+
 
 def to_arrow(schema: T.StructType) -> pa.Schema:
     """The Arrow schema of a Spark schema (what mapInArrow batches must carry)."""
@@ -235,5 +244,6 @@ TABLES: dict[str, Table] = {t.name: t for t in (
     Table("features", FEATURES, "extract_features"),
     Table("image_topics", IMAGE_TOPICS, "train_cnn"),
     Table("scores", SCORES, "score"),
+    Table("clusters", CLUSTERS, "explore"),
     Table("rejected", REJECTED, "every stage (partition stage=<stage>)"),
 )}

@@ -1,0 +1,316 @@
+"""Exploring a personal archive (experiment 4): features, K-Means, a t-SNE map, cluster labels.
+
+    explore.images (default <lake>/tables/images: an archive ingested with source.layout=
+    instagram or folder, then prepare_images)
+      -> features: raw pixels at explore.pixels (the original's first try) or a torchvision
+         network's layer (VGG19 fc7 by default, through sparkml.features)
+      -> Spark ML KMeans for each k of explore.k_range with its silhouette (ClusteringEvaluator),
+         so the choice of k is not blind; the clusters of explore.k are kept
+      -> a 2-D t-SNE (scikit-learn) of up to explore.tsne_sample images, drawn as thumbnails
+         framed in their cluster's colour; a contact sheet per cluster (closest to the centre first)
+      -> per-cluster labels: the most frequent ImageNet classes the network predicts for its
+         images (explore.weights=imagenet only: random weights would name noise)
+
+    <lake>/tables/clusters    post_id, cluster, distance, x, y, category
+    <lake>/models/kmeans      the Spark ML KMeansModel of explore.k
+    <lake>/reports/explore/   metrics.json/.md, silhouette.png, tsne.png, cluster_NN.png
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+
+VECTOR = pa.list_(pa.float32())
+PASS_ARROW = pa.schema([("post_id", pa.string()), ("vector", VECTOR), ("category", pa.string()),
+                        ("reason", pa.string()), ("detail", pa.string())])
+
+
+def pixels(image: np.ndarray, side: int) -> np.ndarray:
+    """An RGB image as side x side x 3 values in 0..1, flattened (area-averaged downscale)."""
+    import cv2
+
+    return (cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255).ravel()
+
+
+@functools.lru_cache(maxsize=1)
+def _classifier(model: str, on: str):
+    """The whole ImageNet network with its class names, once per worker (explore.weights=imagenet)."""
+    import torch
+    import torchvision
+
+    from dl.models import load_model
+
+    net = load_model(model, "imagenet").eval().to(on, memory_format=torch.channels_last)
+    return net, torchvision.models.get_model_weights(model).DEFAULT.meta["categories"]
+
+
+def explore_batch(batch: pa.RecordBatch, e: dict, endpoint: str | None = None,
+                  region: str | None = None) -> pa.RecordBatch:
+    """post_id + image (prepared JPEG) -> post_id, feature vector and (with ImageNet weights)
+    the top-1 ImageNet class; an image that does not decode becomes a reject row."""
+    import torch
+
+    from dl.models import preprocessing
+    from sparkml.features import decode, device, extract
+
+    ids = batch.column("post_id").to_pylist()
+    images = [decode(b) for b in batch.column("image").to_pylist()]
+    ok = [i for i, im in enumerate(images) if im is not None]
+    vectors: dict[int, np.ndarray] = {}
+    categories: dict[int, str] = {}
+    if ok and e["features"] == "pixels":
+        vectors = {i: pixels(images[i], e["pixels"]) for i in ok}
+    elif ok:
+        got = extract([images[i] for i in ok], e["model"], e["weights"], (e["layer"],), False, e["seed"], endpoint,
+                      region, e["precision"])[(e["layer"], False)]
+        vectors = dict(zip(ok, got))
+        if e["weights"] == "imagenet":
+            on = device()
+            net, names = _classifier(e["model"], on)
+            x = preprocessing(e["model"], "imagenet")([images[i] for i in ok]).to(on)
+            with torch.inference_mode():
+                top = net(x).argmax(1).cpu().tolist()
+            categories = {i: names[t] for i, t in zip(ok, top)}
+    rows = {"post_id": ids, "vector": [vectors[i].tolist() if i in vectors else None for i in range(len(ids))],
+            "category": [categories.get(i) for i in range(len(ids))],
+            "reason": [None if i in vectors else "corrupt_image" for i in range(len(ids))],
+            "detail": [None if i in vectors else "the prepared JPEG did not decode" for i in range(len(ids))]}
+    return pa.RecordBatch.from_pydict(rows, schema=PASS_ARROW)
+
+
+# ---------------------------------------------------------------- drawing (driver)
+
+
+def _colours(k: int) -> np.ndarray:
+    import matplotlib
+
+    return matplotlib.colormaps["tab20" if k > 10 else "tab10"](np.arange(k) % 20)
+
+
+def silhouette_png(silhouettes: dict[int, float], chosen: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = sorted(silhouettes)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(ks, [silhouettes[k] for k in ks], "o-")
+    if chosen in silhouettes:
+        ax.plot([chosen], [silhouettes[chosen]], "o", ms=12, mfc="none", mec="red", label=f"k = {chosen} (kept)")
+        ax.legend()
+    ax.set_xlabel("k (clusters)")
+    ax.set_ylabel("silhouette (squared Euclidean)")
+    ax.set_title("K-Means: silhouette for each k")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def tsne_png(xy: np.ndarray, clusters: np.ndarray, thumbs: list[bytes | None], k: int, title: str) -> bytes:
+    """The t-SNE map: each image as a small thumbnail framed in its cluster's colour (a dot
+    where no thumbnail is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+    from PIL import Image
+
+    colours = _colours(k)
+    fig, ax = plt.subplots(figsize=(12, 12), dpi=100)
+    ax.scatter(xy[:, 0], xy[:, 1], c=colours[clusters], s=12)
+    for (x, y), c, data in zip(xy, clusters, thumbs):
+        if data is None:
+            continue
+        im = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((36, 36)))
+        box = AnnotationBbox(OffsetImage(im, zoom=1), (x, y), frameon=True, pad=0.15,
+                             bboxprops={"edgecolor": colours[c], "linewidth": 2})
+        ax.add_artist(box)
+    for c in range(k):
+        ax.scatter([], [], color=colours[c], label=f"cluster {c}")
+    ax.legend(loc="upper right", fontsize=8, ncol=2)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def tsne(vectors: np.ndarray, seed: int, perplexity: float) -> np.ndarray:
+    """2-D t-SNE (scikit-learn, PCA-initialised) after a PCA to at most 50 dimensions."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    n = len(vectors)
+    x = PCA(n_components=min(50, n, vectors.shape[1]), random_state=seed).fit_transform(vectors) \
+        if vectors.shape[1] > 50 else vectors
+    return TSNE(n_components=2, perplexity=min(perplexity, max(2.0, (n - 1) / 3)), init="pca",
+                random_state=seed).fit_transform(x)
+
+
+def cluster_labels(categories: dict[int, list[str]], top: int = 3) -> dict[int, list[tuple[str, float]]]:
+    """The `top` most frequent ImageNet classes of each cluster's images, with their shares."""
+    from collections import Counter
+
+    out = {}
+    for c, names in categories.items():
+        counts = Counter(n for n in names if n)
+        total = max(1, sum(counts.values()))
+        out[c] = [(name, round(n / total, 3)) for name, n in counts.most_common(top)]
+    return out
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def explore(spark, cfg):
+    """explore.images -> clusters, silhouettes, the t-SNE map and contact sheets."""
+    from pyspark import StorageLevel
+    from pyspark.ml.clustering import KMeans
+    from pyspark.ml.evaluation import ClusteringEvaluator
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+    from pyspark.sql.window import Window
+
+    from dl.models import ModelError
+    from sparkml import storage
+    from sparkml.config import ConfigError
+    from sparkml.features import extractor
+    from sparkml.lake import Lake, Summary, begin_output, read_complete, write_rejected, write_table
+    from sparkml.retrieval import contact_sheet
+
+    e = cfg.explore
+    lake = Lake(cfg.lake)
+    uri = storage.qualify(e.images) if e.images else lake.table("images")
+    images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
+                                       "jobs/prepare_images.py for the archive first").select("post_id", "image")
+    if e.features == "model":
+        try:
+            extractor(e.model, e.weights, (e.layer,), e.seed, cfg.s3.endpoint, cfg.s3.region)
+        except ModelError as err:
+            raise ConfigError(f"explore: {err}") from None
+    out, report, model_uri = lake.table("clusters"), lake.report("explore"), lake.model("kmeans")
+    begin_output(spark, out)
+    for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
+        storage.delete(spark, o)
+    opts = {"features": e.features, "pixels": e.pixels, "model": e.model, "weights": e.weights, "layer": e.layer,
+            "seed": e.seed, "precision": e.precision}
+    endpoint, region = cfg.s3.endpoint, cfg.s3.region
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(e.batch_rows))
+    schema = T.StructType([T.StructField("post_id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType())),
+                           T.StructField("category", T.StringType()), T.StructField("reason", T.StringType()),
+                           T.StructField("detail", T.StringType())])
+    result = images.mapInArrow(lambda bs: (explore_batch(b, opts, endpoint, region) for b in bs), schema) \
+        .persist(StorageLevel.DISK_ONLY)
+    n_input = images.count()
+    rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
+                              .select("post_id", "reason", "detail"))
+    data = result.where(F.col("reason").isNull()).select("post_id", "category", array_to_vector("vector")
+                                                         .alias("features")).persist(StorageLevel.MEMORY_AND_DISK)
+    n = data.count()
+    ks = sorted({k for k in e.k_range if 2 <= k < n} | ({e.k} if e.k < n else set()))
+    if e.k >= n:
+        raise ConfigError(f"explore.k={e.k} clusters need more than {n} images (explore.images has {n} usable)")
+    evaluator = ClusteringEvaluator(featuresCol="features", predictionCol="cluster", metricName="silhouette",
+                                    distanceMeasure="squaredEuclidean")
+    silhouettes, fitted = {}, None
+    for k in ks:
+        km = KMeans(k=k, seed=e.seed, featuresCol="features", predictionCol="cluster", maxIter=e.max_iter).fit(data)
+        silhouettes[k] = float(evaluator.evaluate(km.transform(data)))
+        if k == e.k:
+            fitted = km
+    fitted.write().overwrite().save(model_uri)
+    centres = [np.asarray(c) for c in fitted.clusterCenters()]
+    bc = spark.sparkContext.broadcast(np.stack(centres))
+
+    @F.udf(T.DoubleType())
+    def distance(v, c):
+        return float(np.linalg.norm(v.toArray() - bc.value[c]))
+
+    assigned = fitted.transform(data).withColumn("distance", distance("features", "cluster")).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    # the map's sample: a hash of post_id (the same images on every rerun)
+    sample = assigned.orderBy(F.xxhash64("post_id", F.lit(e.seed)), "post_id").limit(e.tsne_sample) \
+        .select("post_id", "cluster", vector_to_array("features").alias("v")).toPandas()
+    xy = tsne(np.stack(sample.v.to_numpy()).astype(np.float32), e.seed, e.perplexity) if len(sample) > 3 else \
+        np.zeros((len(sample), 2))
+    coords = spark.createDataFrame([(p, float(a), float(b)) for p, (a, b) in zip(sample.post_id, xy)],
+                                   "post_id string, x double, y double")
+    write_table(assigned.join(coords, "post_id", "left").select("post_id", "cluster", "distance", "x", "y",
+                                                                "category"), lake, "clusters")
+    clusters = spark.read.parquet(out)
+    sizes = {int(r["cluster"]): int(r["count"]) for r in clusters.groupBy("cluster").count().collect()}
+
+    # pictures: thumbnails of the map's images and of each cluster's closest ones
+    near = clusters.withColumn("r", F.row_number().over(Window.partitionBy("cluster").orderBy("distance", "post_id"))) \
+        .where(F.col("r") <= e.sheet).select("post_id", "cluster", "distance", "r").collect()
+    drawn = set(sample.post_id[: e.map_thumbnails])
+    wanted = sorted(drawn | {r["post_id"] for r in near})
+    jpeg = {r["post_id"]: bytes(r["image"]) for r in images.where(F.col("post_id").isin(wanted)).collect()}
+    sheets = {}
+    for c in sorted(sizes):
+        rows = sorted((r for r in near if r["cluster"] == c), key=lambda r: r["r"])
+        name = f"cluster_{c:02d}.png"
+        storage.write_bytes(spark, f"{report}/{name}", contact_sheet(
+            f"cluster {c}: {sizes[c]} images, closest to the centre first",
+            [(r["post_id"], r["distance"], jpeg.get(r["post_id"])) for r in rows]))
+        sheets[c] = name
+    what = f"raw pixels {e.pixels}x{e.pixels}" if e.features == "pixels" else f"{e.model} {e.layer} ({e.weights})"
+    storage.write_bytes(spark, f"{report}/tsne.png", tsne_png(
+        xy, sample.cluster.to_numpy(), [jpeg.get(p) if p in drawn else None for p in sample.post_id], e.k,
+        f"t-SNE of {len(sample)} of {n} images ({what}), K-Means k = {e.k}"))
+    storage.write_bytes(spark, f"{report}/silhouette.png", silhouette_png(silhouettes, e.k))
+    if e.features == "model" and e.weights == "imagenet":
+        cats = {c: [] for c in sizes}
+        for r in clusters.select("cluster", "category").collect():
+            cats[int(r["cluster"])].append(r["category"])
+        labels, note = {str(c): v for c, v in cluster_labels(cats).items()}, None
+    else:
+        labels = None
+        note = ("no cluster labels: they are the ImageNet classes the network predicts, which needs "
+                "explore.features=model with explore.weights=imagenet" + (
+                    "; with random weights they would be meaningless" if e.features == "model" else ""))
+    best = max(silhouettes, key=silhouettes.get)
+    body = {"images": uri, "features": what, "rows": n, "k": e.k, "silhouettes": {str(k): v for k, v in
+                                                                                    silhouettes.items()},
+            "best_silhouette_k": best, "sizes": {str(c): v for c, v in sorted(sizes.items())},
+            "labels": labels, "labels_note": note, "tsne_sample": len(sample), "sheets": sheets,
+            "map": "tsne.png", "silhouette_plot": "silhouette.png"}
+    storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1).encode())
+    storage.write_bytes(spark, f"{report}/metrics.md", markdown(body).encode())
+    storage.write_bytes(spark, f"{report}/_SUMMARY.json", json.dumps({"stage": "explore", "output": report}).encode())
+    storage.write_bytes(spark, f"{model_uri}/_SUMMARY.json", json.dumps({"stage": "explore", "k": e.k}).encode())
+    for df in (assigned, data, result):
+        df.unpersist()
+    bc.destroy()
+    return Summary(stage="explore", input_rows=n_input, output_rows=sum(sizes.values()), rejected=rejected,
+                   output=out, extra={"report": report, "model": model_uri, "k": e.k, "features": what,
+                                      "silhouettes": body["silhouettes"], "best_silhouette_k": best,
+                                      "sizes": body["sizes"], "labels": labels, "tsne_sample": len(sample)})
+
+
+def markdown(body: dict) -> str:
+    lines = [f"# Archive exploration: {body['rows']} images, {body['features']}", "",
+             "| k | silhouette |", "|---|---|"]
+    lines += [f"| {k}{' (kept)' if int(k) == body['k'] else ''} | {v:.3f} |" for k, v in body["silhouettes"].items()]
+    lines += ["", f"Best silhouette at k = {body['best_silhouette_k']}.", "", "| cluster | images | labels |",
+              "|---|---|---|"]
+    for c, size in body["sizes"].items():
+        lab = ", ".join(f"{n} ({s:.0%})" for n, s in (body["labels"] or {}).get(c, [])) or "-"
+        lines.append(f"| {c} | {size} | {lab} |")
+    if body["labels_note"]:
+        lines += ["", body["labels_note"]]
+    return "\n".join(lines) + "\n"
