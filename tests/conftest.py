@@ -165,3 +165,37 @@ def photos() -> list[Path]:
     found = sorted((SHARED / "data" / "photos").glob("*.jpg"))
     assert len(found) == 396, f"../shared/data/photos should hold 396 photos, found {len(found)}"
     return found
+
+
+def open_in_chromium(page: Path, screenshot: Path) -> dict:
+    """Open a local HTML file in headless Chromium (Debian's chromium + chromium-driver, which
+    .ci/run installs): every <img> with its naturalWidth, the console's errors, and a
+    full-page screenshot saved at `screenshot`."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    driver_path, browser = shutil.which("chromedriver"), shutil.which("chromium")
+    assert driver_path and browser, "headless Chromium is missing: apt-get install chromium chromium-driver"
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,900",
+              "--allow-file-access-from-files"):
+        opts.add_argument(a)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
+    try:
+        driver.set_page_load_timeout(60)
+        driver.get(page.resolve().as_uri())
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
+        height = driver.execute_script("return document.documentElement.scrollHeight;")
+        driver.set_window_size(1300, min(int(height) + 100, 16000))
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(screenshot))
+        errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        title = driver.title
+    finally:
+        driver.quit()
+    return {"images": images, "errors": errors, "title": title}

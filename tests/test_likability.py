@@ -261,6 +261,26 @@ def test_scoring_with_the_saved_svm_gives_its_margins_on_the_training_jobs_featu
                    "--set", "features.model=resnet18") == 2
 
 
+def test_the_report_shows_the_likability_table_and_the_top_and_bottom_test_images(spark, svm):
+    from PIL import Image
+
+    from tests.conftest import open_in_chromium
+
+    lake, _ = svm
+    assert run_job("report", "--set", f"lake={lake.root}") == 0
+    reports = Path(lake.report().removeprefix("file://"))
+    text = (reports / "index.html").read_text()
+    assert ">Likability (#me selfies)</h2>" in text and "0.599" in text  # the published AP beside ours
+    n_test = spark.read.parquet(f"{lake.dataset('liked')}/test").count()
+    top = min(25, (n_test + 1) // 2)
+    assert f"Top {top} test images" in text and f"Bottom {min(25, n_test - top)}<" in text
+    for name in ("likability_top.png", "likability_bottom.png"):
+        with Image.open(reports / "report_files" / name) as im:
+            assert im.format == "PNG" and im.size[1] > 150
+    got = open_in_chromium(reports / "index.html", reports / "screenshot.png")
+    assert got["errors"] == [] and all(i[1] and i[2] > 0 for i in got["images"])
+
+
 def test_svm_with_one_class_in_training_is_a_clear_error(spark, featured, tmp_path, capsys):
     from pyspark.sql import functions as F
 

@@ -3,12 +3,14 @@ evaluation of the same images; new images in a folder (one corrupt, one empty, o
 image) get scores or a rejected row; models that do not fit what they would score exit 2."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import rejects_by_reason, run_job
 
@@ -107,3 +109,40 @@ def test_models_that_do_not_fit_the_input_exit_2(spark, trained, photos, tmp_pat
     assert "the input holds posts of ['paris']" in capsys.readouterr().err
     assert run_job("score", "--set", f"lake={tmp_path / 'empty_lake'}", "--set", f"score.input={folder}") == 2
     assert "no model to score with" in capsys.readouterr().err
+
+
+def test_the_report_renders_in_a_real_browser(spark, trained, photos, tmp_path):
+    """The report of a lake where ingest .. dedup, the city CNN, LDA retrieval, scoring and an
+    exploration ran: every section of those, likability listed as not run; opened in headless
+    Chromium every image loads and the console has no errors; the screenshot is kept."""
+    from tests.conftest import open_in_chromium
+
+    lake = trained
+    args = ["--set", f"lake={lake.root}"]
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for p in photos[:3]:
+        shutil.copyfile(p, folder / p.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    assert run_job("score", *args, "--set", f"score.input={folder}") == 0
+    for job in ("train_lda", "infer_topics", "evaluate_retrieval"):
+        assert run_job(job, *args, "--set", "lda.num_topics=8", "--set", "lda.min_count=2") == 0, job
+    assert run_job("explore", *args, "--set", "explore.features=pixels", "--set", "explore.pixels=32",
+                   "--set", "explore.k=4", "--set", "explore.k_range=[3,4]", "--set", "explore.map_thumbnails=30") == 0
+    assert run_job("report", *args) == 0
+    reports = Path(lake.report().removeprefix("file://"))
+    index = reports / "index.html"
+    text = index.read_text()
+    for title in ("Dataset accounting", "City classifier", "Image topics and text-to-image retrieval",
+                  "Personal archive exploration", "Batch scoring of new images"):
+        assert f">{title}</h2>" in text, title
+    assert "Likability (#me selfies): run jobs/train_svm.py" in text  # listed as not run
+    links = re.findall(r'(?:src|href)="([^"]+)"', text)
+    assert "<script" not in text and links and all("://" not in u and not u.startswith("/") for u in links), links
+    got = open_in_chromium(index, reports / "screenshot.png")
+    assert got["title"] == "instalearn report" and len(got["images"]) >= 15
+    assert [i for i in got["images"] if not (i[1] and i[2] > 0)] == []  # every image loads
+    assert got["errors"] == []
+    with Image.open(reports / "screenshot.png") as shot:
+        assert shot.size[0] == 1300 and shot.size[1] > 3000
+    print(f"report screenshot: {reports / 'screenshot.png'}")
