@@ -26,7 +26,7 @@ WHEELS        := .cache/wheels
 HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-cp311-cp311-linux_x86_64.whl
 HOROVOD_STAMP := $(VENV)/.horovod
 
-.PHONY: setup demo test jars horovod clean
+.PHONY: setup demo test jars horovod browser clean
 
 # Reinstalls only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -51,6 +51,14 @@ $(HOROVOD_STAMP): $(HOROVOD_WHEEL) $(STAMP)
 
 horovod: $(HOROVOD_STAMP)
 
+# Headless Chromium for the report test (Debian's packages), installed when missing.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver \
+		|| { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
+		--no-install-recommends chromium chromium-driver; }; }
+
 demo: setup
 	$(BIN)/python jobs/make_sample.py --config $(CONFIG)
 	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
@@ -73,13 +81,21 @@ demo: setup
 	@echo "City AlexNet from random weights, 2 processes under TorchDistributor (--preset city-scratch: all layers"
 	@echo "trained with Adam; the original's recipe, conv1-2 frozen + SGD, needs ImageNet weights). Chance is 10%."
 	$(SUBMIT) jobs/train_cnn.py --config $(CONFIG) --task city --preset city-scratch
+	@echo "Score a folder of new images (one of them truncated) with the models this run trained (city CNN, SVM)."
+	$(SUBMIT) jobs/score.py --config $(CONFIG) --set score.input=./data/sample/new_images
+	@echo "A personal archive: an Instagram export (JSON) ingested into its own lake, explored with VGG19 fc7 (random weights)."
+	$(SUBMIT) jobs/ingest.py --config $(CONFIG) --set lake=./data/archive --set source.layout=instagram \
+		--set source.path=./data/sample/instagram_export
+	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG) --set lake=./data/archive
+	$(SUBMIT) jobs/explore.py --config $(CONFIG) --set explore.images=./data/archive/tables/images
+	$(SUBMIT) jobs/report.py --config $(CONFIG)
 	@echo
 	@echo "Demo done. Results are under ./data/lake: tables/ (posts, images, duplicates, bow, topics, likability_labels,"
-	@echo "faces, features, retrieval, rejected), models/ (lda, likability_svm, city), datasets/ (cities, likability),"
-	@echo "reports/ (likability_svm/metrics.md, retrieval_eval/metrics.md, retrieval/*.png, train_city/metrics.md and"
-	@echo "curve.png), checkpoints/train_city/; each output has a _SUMMARY.json."
+	@echo "faces, features, retrieval, scores, clusters, rejected), models/ (lda, likability_svm, city, kmeans), datasets/"
+	@echo "(cities, likability), reports/, checkpoints/train_city/; each output has a _SUMMARY.json."
+	@echo "The report: $(CURDIR)/data/lake/reports/index.html"
 
-test: setup jars horovod
+test: setup jars horovod browser
 	$(BIN)/python -m pytest
 
 clean:

@@ -74,10 +74,13 @@ def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
     setup_logging()
     from sparkml.session import get_session  # pyspark import only once the options are good
 
+    from sparkml import progress
+
     spark = get_session(cfg, app_name=stage)
     t0 = time.perf_counter()
     try:
-        summary = body(spark, cfg, args)
+        with progress.Progress(spark, stage, progress.interval(cfg.progress.interval)):
+            summary = body(spark, cfg, args)
     except (ConfigError, IncompleteInput) as e:
         print(f"{stage}.py: error: {e}", file=sys.stderr)
         return 2

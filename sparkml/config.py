@@ -289,6 +289,11 @@ class Explore(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: bfloat16 autocast (GPU executors)")
 
 
+class ProgressLines(Section):
+    interval: float = Field(30.0, ge=0, description="seconds between progress lines of a running stage (rows done of "
+                                                    "total, rows/s, ETA); 0 = none; off when the CI variable is set")
+
+
 class Config(Section):
     lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
@@ -311,6 +316,7 @@ class Config(Section):
     train: Train = Field(default_factory=Train)
     score: Score = Field(default_factory=Score)
     explore: Explore = Field(default_factory=Explore)
+    progress: ProgressLines = Field(default_factory=ProgressLines)
 
     def spark_conf(self) -> dict[str, str]:
         """The `spark:` section as full Spark keys with string values."""

@@ -186,7 +186,7 @@ def explore(spark, cfg):
     from pyspark.sql.window import Window
 
     from dl.models import ModelError
-    from sparkml import storage
+    from sparkml import progress, storage
     from sparkml.config import ConfigError
     from sparkml.features import extractor
     from sparkml.lake import Lake, Summary, begin_output, read_complete, write_rejected, write_table
@@ -213,8 +213,9 @@ def explore(spark, cfg):
     schema = T.StructType([T.StructField("post_id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType())),
                            T.StructField("category", T.StringType()), T.StructField("reason", T.StringType()),
                            T.StructField("detail", T.StringType())])
-    result = images.mapInArrow(lambda bs: (explore_batch(b, opts, endpoint, region) for b in bs), schema) \
-        .persist(StorageLevel.DISK_ONLY)
+    acc = progress.counter(spark, images.count())
+    result = images.mapInArrow(lambda bs: progress.counted(bs, lambda b: explore_batch(b, opts, endpoint, region), acc),
+                               schema).persist(StorageLevel.DISK_ONLY)
     n_input = images.count()
     rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
                               .select("post_id", "reason", "detail"))

@@ -153,8 +153,11 @@ def per_record(spark: SparkSession, lake: Lake, stage: str, inputs: DataFrame,
         with per_record(spark, lake, "detect_faces", images, fn, "faces", 64) as (good, rejected):
             n = good.count()
     """
+    from sparkml import progress
+
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
-    result = inputs.mapInArrow(lambda batches: (batch_fn(b) for b in batches),
+    acc = progress.counter(spark, inputs.count())
+    result = inputs.mapInArrow(lambda batches: progress.counted(batches, batch_fn, acc),
                                with_reject(TABLES[table].schema)).persist(StorageLevel.DISK_ONLY)
     try:
         rejected = write_rejected(spark, lake, stage, result.where(F.col("reason").isNotNull()))

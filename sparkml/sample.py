@@ -539,6 +539,7 @@ def generate(cfg: Sample) -> dict:
     _plant_engagement(b)
     dup_src, dup_city = _plant_ingest_rejects(b)
     _write_instacities(b, out, dup_src, dup_city)
+    _write_extras(b, out)
     me = write_me(cfg, out)
     rows = _manifest_rows(b, dup_src, me)
     with open(out / MANIFEST, "w", encoding="utf-8") as f:
@@ -555,6 +556,69 @@ def generate(cfg: Sample) -> dict:
     }
     (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=1, sort_keys=True))
     return truth
+
+
+# ---------------------------------------------------------------- a personal archive and new images
+
+EXPORT_DIR, NEW_IMAGES_DIR = "instagram_export", "new_images"
+EXPORT_CAPTIONS = ("Café in São Paulo 😊 #me", "naïve façade, Zürich — #travel", "plain caption", "日本の夏 #summer")
+
+
+def write_export(root: Path, images: list[tuple[str, bytes]], nested: bool = False) -> dict:
+    """An Instagram "Download your information" export (JSON) of the given JPEGs, shaped as
+    the app writes it: posts_1.json under content/ (your_instagram_activity/content/ when
+    nested), media under media/posts/<yyyymm>/, captions as UTF-8 bytes escaped one by one
+    (\\u00XX mojibake); every fifth post is a carousel of three images, one post is a video and
+    one names a media file that is not there. Returns the ground truth: media stem -> caption
+    (the text before the mojibake), the video's and the missing file's stems, the carousels."""
+    posts, truth = [], {"images": {}, "videos": [], "missing": [], "carousels": 0}
+    i = n = 0
+    while i < len(images):
+        take = 3 if n % 5 == 4 else 1
+        group, i = images[i:i + take], i + take
+        caption = f"{EXPORT_CAPTIONS[n % len(EXPORT_CAPTIONS)]} {n}"
+        media = []
+        for k, (name, data) in enumerate(group):
+            rel = f"media/posts/2021{1 + n % 12:02d}/{name}_{n}_{k}.jpg"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(data)
+            media.append({"uri": rel, "creation_timestamp": 1_600_000_000 + n * 3600, "media_metadata": {}})
+            truth["images"][Path(rel).stem] = caption
+        mojibake = caption.encode("utf-8").decode("latin-1")
+        if take == 1:  # the app puts a single photo's caption on the media item
+            media[0]["title"] = mojibake
+            posts.append({"media": media})
+        else:
+            truth["carousels"] += 1
+            posts.append({"media": media, "title": mojibake, "creation_timestamp": 1_600_000_000 + n * 3600})
+        n += 1
+    video = "media/posts/202112/clip_0.mp4"
+    (root / video).parent.mkdir(parents=True, exist_ok=True)
+    (root / video).write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    posts.append({"media": [{"uri": video, "creation_timestamp": 1_700_000_000, "title": "a video"}]})
+    truth["videos"].append("clip_0")
+    posts.append({"media": [{"uri": "media/posts/202112/gone_0.jpg", "creation_timestamp": 1_700_000_001,
+                             "title": "deleted"}]})
+    truth["missing"].append("gone_0")
+    content = root / ("your_instagram_activity/content" if nested else "content")
+    content.mkdir(parents=True, exist_ok=True)
+    (content / "posts_1.json").write_text(json.dumps(posts, indent=2))  # ensure_ascii: \u00XX, as the app
+    return truth
+
+
+def _write_extras(b: _Build, out: Path, archive: int = 200, new: int = 8) -> None:
+    """An Instagram export of `archive` clean posts (the archive the demo explores) and a folder
+    of `new` other images plus a truncated one (the new images the demo scores)."""
+    messy = {c["post_id"] for c in b.planted}
+    clean = [p for p in sorted(b.posts, key=lambda p: p.post_id) if p.post_id not in messy and p.ext == "jpg"]
+    archive = min(archive, len(clean) - new - 1)  # a small sample gives a smaller archive
+    write_export(out / EXPORT_DIR, [(p.post_id, b.images[p.post_id]) for p in clean[:archive]])
+    folder = out / NEW_IMAGES_DIR
+    folder.mkdir()
+    for p in clean[archive:archive + new]:
+        (folder / f"{p.city}-{p.post_id}.jpg").write_bytes(b.images[p.post_id])
+    src = b.images[clean[archive + new].post_id]
+    (folder / "truncated.jpg").write_bytes(src[: len(src) // 3])
 
 
 # ---------------------------------------------------------------- near-duplicates of real photos

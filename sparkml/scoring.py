@@ -24,7 +24,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import storage
+from sparkml import progress, storage
 from sparkml.config import Config, ConfigError, Source
 from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
@@ -146,8 +146,10 @@ def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
     opts = dict(size=p.size, policy=p.policy, quality=p.quality, max_pixels=p.max_pixels, min_side=p.min_side,
                 oversample=p.oversample)
     cities = posts.select("post_id", "city")
+    acc = progress.counter(spark)
     prepared = posts.select("post_id", "image_bytes").mapInArrow(
-        lambda batches: (prepare_batch(b, **opts) for b in batches), with_reject(TABLES["images"].schema))
+        lambda batches: progress.counted(batches, lambda b: prepare_batch(b, **opts), acc),
+        with_reject(TABLES["images"].schema))
     prepared = prepared.select("post_id", "image", "reason", "detail").persist(StorageLevel.DISK_ONLY)
     good = prepared.where(F.col("reason").isNull()).join(cities, "post_id").select("post_id", "city", "image")
     bad = prepared.where(F.col("reason").isNotNull()).select("post_id", "reason", "detail")
@@ -249,10 +251,10 @@ def score(spark: SparkSession, cfg: Config) -> Summary:
     n_inputs = inputs.count()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_rows))
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
+    acc = progress.counter(spark, images.count())
     t0 = time.perf_counter()
-    scored = images.select("post_id", "image").mapInArrow(
-        lambda batches: (score_batch(b, found, cfg_f, endpoint, region) for b in batches), PASS) \
-        .persist(StorageLevel.DISK_ONLY)
+    scored = images.select("post_id", "image").mapInArrow(lambda batches: progress.counted(
+        batches, lambda b: score_batch(b, found, cfg_f, endpoint, region), acc), PASS).persist(StorageLevel.DISK_ONLY)
     n_rows = scored.count()
     seconds = time.perf_counter() - t0
     rejected = write_rejected(spark, lake, STAGE, rejects.unionByName(

@@ -17,7 +17,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import storage
+from sparkml import progress, storage
 from sparkml.config import Config, ConfigError
 from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, INSTAGRAM_POSTS, MANIFEST_COLUMNS, POSTS, SPLIT_CAP,
@@ -334,13 +334,17 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
 
     Tasks are balanced by image bytes, and each reads with a thread pool, so object-store
     latency overlaps; no image bytes are shuffled."""
-    total = todo.agg(F.sum("image_size")).first()[0] or 0
+    total, rows = todo.agg(F.sum("image_size"), F.count("*")).first()
+    total = total or 0
     parts = max(spark.sparkContext.defaultParallelism, math.ceil(total / (cfg.ingest.partition_mb << 20)))
     threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
     schema = TABLES["posts"].arrow
 
+    acc = progress.counter(spark, rows)
+
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
+            acc.add(b.num_rows)
             uris = b.column("image_uri").to_pylist()
             blobs = storage.read_many(uris, threads, endpoint, region)
             for u, blob in zip(uris, blobs):

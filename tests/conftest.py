@@ -115,49 +115,11 @@ def rejects_by_reason(spark, lake, stage: str) -> dict[str, set[str]]:
 
 
 def make_export(root: Path, photos: list[Path], nested: bool = False) -> dict:
-    """An Instagram "Download your information" export (JSON) of the given photos, shaped as
-    the app writes it: posts_1.json under content/ (or your_instagram_activity/content/ when
-    nested), media under media/posts/<yyyymm>/, captions as UTF-8 bytes escaped one by one
-    (\\u00XX mojibake). Every fifth post is a carousel of three photos; one post is a video and
-    one names a media file that is not there. Returns the ground truth the export was made from."""
-    import json
-    import shutil
+    """An Instagram export of the given photos (sparkml.sample.write_export: carousels, a video,
+    a missing media file, mojibake captions); returns its ground truth."""
+    from sparkml.sample import write_export
 
-    posts, truth = [], {"images": {}, "videos": [], "missing": [], "carousels": 0}
-    words = ["Café in São Paulo 😊 #me", "naïve façade, Zürich — #travel", "plain caption", "日本の夏 #summer"]
-    i = 0
-    n = 0
-    while i < len(photos):
-        take = 3 if n % 5 == 4 else 1
-        group, i = photos[i:i + take], i + take
-        caption = f"{words[n % len(words)]} {n}"
-        media = []
-        for k, photo in enumerate(group):
-            rel = f"media/posts/2021{1 + n % 12:02d}/{photo.stem.replace('-', '_')}_{n}_{k}.jpg"
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(photo, root / rel)
-            media.append({"uri": rel, "creation_timestamp": 1_600_000_000 + n * 3600, "media_metadata": {}})
-            truth["images"][Path(rel).stem] = caption
-        mojibake = caption.encode("utf-8").decode("latin-1")
-        if take == 1:  # the app puts a single photo's caption on the media item
-            media[0]["title"] = mojibake
-            posts.append({"media": media})
-        else:
-            truth["carousels"] += 1
-            posts.append({"media": media, "title": mojibake, "creation_timestamp": 1_600_000_000 + n * 3600})
-        n += 1
-    video = "media/posts/202112/clip_0.mp4"
-    (root / video).parent.mkdir(parents=True, exist_ok=True)
-    (root / video).write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
-    posts.append({"media": [{"uri": video, "creation_timestamp": 1_700_000_000, "title": "a video"}]})
-    truth["videos"].append("clip_0")
-    posts.append({"media": [{"uri": "media/posts/202112/gone_0.jpg", "creation_timestamp": 1_700_000_001,
-                             "title": "deleted"}]})
-    truth["missing"].append("gone_0")
-    content = root / ("your_instagram_activity/content" if nested else "content")
-    content.mkdir(parents=True, exist_ok=True)
-    (content / "posts_1.json").write_text(json.dumps(posts, indent=2))  # ensure_ascii: \u00XX, as the app
-    return truth
+    return write_export(root, [(p.stem.replace("-", "_"), p.read_bytes()) for p in photos], nested=nested)
 
 
 @pytest.fixture(scope="session")
