@@ -42,6 +42,21 @@ def device() -> str:
     return f"cuda:{gpus.addresses[0]}" if gpus is not None and gpus.addresses else "cpu"
 
 
+def task_threads() -> None:
+    """One Spark task per spark.task.cpus cores: as many torch threads, no more (torch's
+    default, every core, oversubscribes the machine when each core runs a task)."""
+    import torch
+
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+    except ImportError:  # torch alone (a GPU box without Spark)
+        return
+    if ctx is not None:
+        torch.set_num_threads(ctx.cpus())
+
+
 @functools.lru_cache(maxsize=2)
 def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
               endpoint: str | None = None, region: str | None = None, on: str = "cpu"):
@@ -50,13 +65,7 @@ def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
 
     from dl.models import FeatureExtractor, load_model, preprocessing
 
-    try:  # one Spark task per spark.task.cpus cores: as many torch threads, no more
-        from pyspark import TaskContext
-
-        ctx = TaskContext.get()
-        torch.set_num_threads(ctx.cpus() if ctx is not None else torch.get_num_threads())
-    except ImportError:  # torch alone (a GPU box without Spark)
-        pass
+    task_threads()
     net = load_model(model, weights, endpoint=endpoint, region=region, seed=seed)
     fx = FeatureExtractor(net, layers).eval().to(on, memory_format=torch.channels_last)
     return fx, preprocessing(model, weights)

@@ -57,6 +57,11 @@ class Progress:
         tracker = self.spark.sparkContext.statusTracker()
         stages = [s for s in (tracker.getStageInfo(i) for i in tracker.getActiveStageIds()) if s is not None]
         tasks = ", ".join(f"stage {s.stageId}: {s.numCompletedTasks}/{s.numTasks} tasks" for s in stages)
+        if self.acc is None:  # iterative work (SVM grids, LDA): how many Spark jobs have finished
+            jobs = tracker.getJobIdsForGroup(None)
+            done = len(jobs) - len(tracker.getActiveJobsIds())
+            tasks = f"{done} Spark jobs done in {duration(time.perf_counter() - self.since)}" + (
+                f", running {tasks}" if tasks else "")
         if self.acc is not None:
             done, elapsed = self.acc.value, time.perf_counter() - self.since
             rate = done / elapsed if elapsed > 0 else 0.0
@@ -64,7 +69,7 @@ class Progress:
                                   else " rows")
             eta = f", ETA {duration((self.total - done) / rate)}" if self.total and rate > 0 else ""
             return f"{self.stage}: {head}, {rate:,.1f} rows/s{eta}" + (f" [{tasks}]" if tasks else "")
-        return f"{self.stage}: {tasks}" if tasks else None
+        return f"{self.stage}: {tasks}"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

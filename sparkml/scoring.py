@@ -145,7 +145,7 @@ def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
     p = cfg.prepare
     opts = dict(size=p.size, policy=p.policy, quality=p.quality, max_pixels=p.max_pixels, min_side=p.min_side,
                 oversample=p.oversample)
-    cities = posts.select("post_id", "city")
+    cities = todo.select("post_id", "city")  # from the metadata: selecting it from posts would read the bytes again
     acc = progress.counter(spark)
     prepared = posts.select("post_id", "image_bytes").mapInArrow(
         lambda batches: progress.counted(batches, lambda b: prepare_batch(b, **opts), acc),
@@ -178,8 +178,9 @@ def score_batch(batch: pa.RecordBatch, found: dict, cfg_f: dict, endpoint: str |
     """post_id + image (prepared JPEG) -> one row per image and model (the SVM's with its
     feature vector, scored on the Spark side), or one reject row for an image that does not decode."""
     from dl.score import predict, probabilities
-    from sparkml.features import decode, device, extract
+    from sparkml.features import decode, device, extract, task_threads
 
+    task_threads()
     ids = batch.column("post_id").to_pylist()
     pixels = [decode(b) for b in batch.column("image").to_pylist()]
     ok = [i for i, p in enumerate(pixels) if p is not None]

@@ -31,7 +31,9 @@ def test_overrides_are_typed_and_spark_keys_keep_their_dots():
     ("ingest.tpyo=1", "unknown config key 'ingest.tpyo'"),
     ("lakee=/tmp/x", "unknown config key 'lakee'"),
     ("ingest.read_threads=many", "config key 'ingest.read_threads'"),
-    ("source.layout=folder", "config key 'source.layout'"),
+    ("source.layout=folders", "config key 'source.layout'"),
+    ("score.layout=zip", "config key 'score.layout'"),
+    ("explore.k=1", "config key 'explore.k'"),
     ("lake.sub=1", "lake is not a section"),
 ])
 def test_bad_overrides_name_the_key(override, message):

@@ -29,3 +29,10 @@ def test_progress_is_off_under_ci(monkeypatch):
     monkeypatch.setenv("CI", "")
     assert progress.interval(30) == 30
     assert progress.duration(3725) == "1h02m" and progress.duration(65) == "1m05s"
+
+
+def test_a_stage_without_a_row_count_reports_its_spark_jobs(spark):
+    p = progress.Progress(spark, "svm", 0)
+    spark.range(10).count()
+    line = p.line()
+    assert line.startswith("svm: ") and "Spark jobs done in" in line
