@@ -72,9 +72,8 @@ def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
     """Parse, build the session, run the stage, write its _SUMMARY.json, log one line."""
     cfg, args = parse(stage, doc, argv, add_arguments, base)
     setup_logging()
-    from sparkml.session import get_session  # pyspark import only once the options are good
-
     from sparkml import progress
+    from sparkml.session import get_session  # pyspark import only once the options are good
 
     spark = get_session(cfg, app_name=stage)
     t0 = time.perf_counter()

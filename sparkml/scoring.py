@@ -14,6 +14,7 @@ training data alone. Models are loaded once per Python worker and run one Arrow 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -51,8 +52,6 @@ def _svm_model(spark: SparkSession, lake: Lake, cfg: Config) -> dict | None:
     raw = storage.read_bytes(spark, uri)
     summary = json.loads(raw)
     best, made = summary["best"], summary["features"]
-    import hashlib
-
     return {"path": best["model"], "layer": best["layer"], "variant": best["variant"], "features": made,
             "version": hashlib.blake2b(raw, digest_size=6).hexdigest()}
 

@@ -17,13 +17,16 @@ from tests.conftest import rejects_by_reason, run_job
 
 @pytest.fixture(scope="module")
 def trained(spark, prepared, tmp_path_factory):
-    """A copy of the prepared sample's lake with the cities dataset and a city AlexNet (random
+    """A copy of the prepared sample's tables with the cities dataset and a city AlexNet (random
     init, one epoch, inline) exported under models/city."""
     from sparkml.lake import Lake
 
     src, truth = prepared
     root = tmp_path_factory.mktemp("lake_score") / "lake"
-    shutil.copytree(src.root.removeprefix("file://"), root)
+    # only what ingest, prepare_images and dedup wrote: other modules add models to the shared lake
+    for rel in ("tables/posts", "tables/images", "tables/duplicates", "tables/rejected/stage=ingest",
+                "tables/rejected/stage=prepare_images"):
+        shutil.copytree(Path(src.root.removeprefix("file://")) / rel, root / rel)
     lake = Lake(str(root))
     args = ["--set", f"lake={lake.root}"]
     assert run_job("build_dataset", *args, "--set", "dataset.ranks=1") == 0
