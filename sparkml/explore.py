@@ -25,9 +25,15 @@ import json
 import numpy as np
 import pyarrow as pa
 
-VECTOR = pa.list_(pa.float32())
-PASS_ARROW = pa.schema([("post_id", pa.string()), ("vector", VECTOR), ("category", pa.string()),
-                        ("reason", pa.string()), ("detail", pa.string())])
+from pyspark.sql import types as T
+
+from sparkml.schemas import Reason, to_arrow
+
+# The feature pass's rows: post_id, vector, top-1 ImageNet class, or a reject.
+PASS = T.StructType([T.StructField("post_id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType())),
+                     T.StructField("category", T.StringType()), T.StructField("reason", T.StringType()),
+                     T.StructField("detail", T.StringType())])
+PASS_ARROW = to_arrow(PASS)
 
 
 def pixels(image: np.ndarray, side: int) -> np.ndarray:
@@ -78,7 +84,7 @@ def explore_batch(batch: pa.RecordBatch, e: dict, endpoint: str | None = None,
             categories = {i: names[t] for i, t in zip(ok, top)}
     rows = {"post_id": ids, "vector": [vectors[i].tolist() if i in vectors else None for i in range(len(ids))],
             "category": [categories.get(i) for i in range(len(ids))],
-            "reason": [None if i in vectors else "corrupt_image" for i in range(len(ids))],
+            "reason": [None if i in vectors else Reason.CORRUPT_IMAGE.value for i in range(len(ids))],
             "detail": [None if i in vectors else "the prepared JPEG did not decode" for i in range(len(ids))]}
     return pa.RecordBatch.from_pydict(rows, schema=PASS_ARROW)
 
@@ -182,7 +188,6 @@ def explore(spark, cfg):
     from pyspark.ml.evaluation import ClusteringEvaluator
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
     from pyspark.sql.window import Window
 
     from dl.models import ModelError
@@ -190,7 +195,7 @@ def explore(spark, cfg):
     from sparkml.config import ConfigError
     from sparkml.features import extractor
     from sparkml.lake import Lake, Summary, begin_output, read_complete, write_rejected, write_table
-    from sparkml.retrieval import contact_sheet
+    from sparkml.retrieval import contact_sheet, jpegs
 
     e = cfg.explore
     lake = Lake(cfg.lake)
@@ -210,12 +215,9 @@ def explore(spark, cfg):
             "seed": e.seed, "precision": e.precision}
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(e.batch_rows))
-    schema = T.StructType([T.StructField("post_id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType())),
-                           T.StructField("category", T.StringType()), T.StructField("reason", T.StringType()),
-                           T.StructField("detail", T.StringType())])
     acc = progress.counter(spark, images.count())
     result = images.mapInArrow(lambda bs: progress.counted(bs, lambda b: explore_batch(b, opts, endpoint, region), acc),
-                               schema).persist(StorageLevel.DISK_ONLY)
+                               PASS).persist(StorageLevel.DISK_ONLY)
     n_input = images.count()
     rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
                               .select("post_id", "reason", "detail"))
@@ -259,8 +261,7 @@ def explore(spark, cfg):
     near = clusters.withColumn("r", F.row_number().over(Window.partitionBy("cluster").orderBy("distance", "post_id"))) \
         .where(F.col("r") <= e.sheet).select("post_id", "cluster", "distance", "r").collect()
     drawn = set(sample.post_id[: e.map_thumbnails])
-    wanted = sorted(drawn | {r["post_id"] for r in near})
-    jpeg = {r["post_id"]: bytes(r["image"]) for r in images.where(F.col("post_id").isin(wanted)).collect()}
+    jpeg = jpegs(images, drawn | {r["post_id"] for r in near})
     sheets = {}
     for c in sorted(sizes):
         rows = sorted((r for r in near if r["cluster"] == c), key=lambda r: r["r"])

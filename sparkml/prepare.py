@@ -45,6 +45,12 @@ def prepare_batch(batch: pa.RecordBatch, **options) -> pa.RecordBatch:
     return pa.RecordBatch.from_pydict(columns, schema=RESULT_ARROW)
 
 
+def options(p) -> dict:
+    """prepare_image's keyword arguments from the prepare.* config section."""
+    return dict(size=p.size, policy=p.policy, quality=p.quality, max_pixels=p.max_pixels, min_side=p.min_side,
+                oversample=p.oversample)
+
+
 def prepare_images(spark, cfg) -> "Summary":
     """posts -> <lake>/tables/images (+ rejects): one prepared image per decodable post."""
     from pyspark.sql import functions as F
@@ -56,8 +62,7 @@ def prepare_images(spark, cfg) -> "Summary":
     begin_output(spark, out)
     posts = read_table(spark, lake, "posts")
     p = cfg.prepare
-    opts = dict(size=p.size, policy=p.policy, quality=p.quality, max_pixels=p.max_pixels, min_side=p.min_side,
-                oversample=p.oversample)
+    opts = options(p)
     with per_record(spark, lake, "prepare_images", posts.select("post_id", "image_bytes"),
                     lambda b: prepare_batch(b, **opts), "images", p.batch_rows) as (good, rejected):
         # One aggregate over the persisted result (not two more passes over the written table).

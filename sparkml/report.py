@@ -177,7 +177,7 @@ ACCOUNTED = [  # (stage, its output relative to the lake)
 
 
 def accounting(page: Page) -> str | None:
-    spark, lake = page.spark, page.lake
+    lake = page.lake
     rows = []
     for stage, rel in ACCOUNTED:
         s = page.json(f"{lake.root}/{rel}/_SUMMARY.json")
@@ -227,6 +227,8 @@ def rejected_examples(page: Page, per_reason: int = 2) -> str:
 def duplicate_examples(page: Page, n: int = 4) -> str:
     from pyspark.sql import functions as F
 
+    from sparkml.retrieval import jpegs
+
     spark, lake = page.spark, page.lake
     if not storage.exists(spark, f"{lake.table('duplicates')}/_SUMMARY.json"):
         return ""
@@ -234,9 +236,8 @@ def duplicate_examples(page: Page, n: int = 4) -> str:
         .orderBy(F.col("hamming").desc(), "post_id").limit(n).collect()
     if not dups:
         return ""
-    ids = sorted({r["post_id"] for r in dups} | {r["canonical_post_id"] for r in dups})
-    images = {r["post_id"]: bytes(r["image"]) for r in spark.read.parquet(lake.table("images"))
-              .where(F.col("post_id").isin(ids)).select("post_id", "image").collect()}
+    images = jpegs(spark.read.parquet(lake.table("images")),
+                   [r["post_id"] for r in dups] + [r["canonical_post_id"] for r in dups])
     cards = []
     for i, r in enumerate(dups):
         pics = []
@@ -277,8 +278,7 @@ def curves(page: Page, task: str) -> list[str]:
 def retrieval(page: Page, cfg) -> str | None:
     from sparkml.retrieval import PUBLISHED
 
-    spark, lake = page.spark, page.lake
-    m = page.json(f"{lake.report('retrieval_eval')}/metrics.json")
+    m = page.json(f"{page.lake.report('retrieval_eval')}/metrics.json")
     if m is None:
         return None
     rows = [[c, v["precision_at_100"], v["average_precision"], v["relevant"], v["chance_precision"]]
@@ -296,9 +296,7 @@ def retrieval(page: Page, cfg) -> str | None:
 
 def query_sheets(page: Page, cfg, k: int = 10) -> list[str]:
     """Top-k contact sheets for the original's example queries (those with a known word)."""
-    from pyspark.sql import functions as F
-
-    from sparkml.retrieval import UnknownQuery, _embeddings, embed_query, rank, slug
+    from sparkml.retrieval import UnknownQuery, _embeddings, embed_query, jpegs, rank, slug
     from sparkml.topics import load_lda
 
     spark, lake = page.spark, page.lake
@@ -312,9 +310,7 @@ def query_sheets(page: Page, cfg, k: int = 10) -> list[str]:
     out = ["<h3>Retrieval examples (the original's queries)</h3>"]
     if known:
         ranked = rank(_embeddings(spark, cfg, lake), "vector", np.stack([v for _, v in known]), k, cfg.retrieval.metric)
-        ids = sorted({p for hits in ranked for p, _ in hits})
-        images = {r["post_id"]: bytes(r["image"]) for r in spark.read.parquet(lake.table("images"))
-                  .where(F.col("post_id").isin(ids)).select("post_id", "image").collect()}
+        images = jpegs(spark.read.parquet(lake.table("images")), [p for hits in ranked for p, _ in hits])
         for (q, _), hits in zip(known, ranked):
             out.append(sheet(page, f"query_{slug(q)}.png", f"{q!r}: top {len(hits)}",
                              [(p, s, images.get(p)) for p, s in hits]))
@@ -328,6 +324,7 @@ def likability(page: Page) -> str | None:
     from pyspark.ml.functions import array_to_vector, vector_to_array
     from pyspark.sql import functions as F
 
+    from sparkml.retrieval import jpegs
     from sparkml.svm import PUBLISHED, TITLES
 
     spark, lake = page.spark, page.lake
@@ -350,9 +347,7 @@ def likability(page: Page) -> str | None:
                                                                                                  "post_id").collect()
         n_top = min(25, (len(scored) + 1) // 2)
         top, bottom = scored[:n_top], scored[::-1][:min(25, len(scored) - n_top)]
-        ids = [r["post_id"] for r in top + bottom]
-        images = {r["post_id"]: bytes(r["image"]) for r in spark.read.parquet(lake.table("images"))
-                  .where(F.col("post_id").isin(ids)).select("post_id", "image").collect()}
+        images = jpegs(spark.read.parquet(lake.table("images")), [r["post_id"] for r in top + bottom])
         title = f"best SVM ({best['layer']}, {best['variant']})"
         out += [f"<h3>Top {len(top)} test images by the {esc(title)}</h3>",
                 sheet(page, "likability_top.png", f"top {len(top)}: predicted most likable",

@@ -130,6 +130,18 @@ def contact_sheet(title: str, tiles: list[tuple[str, float, bytes | None]], cols
     return buf.getvalue()
 
 
+def jpegs(images, ids) -> dict[str, bytes]:
+    """post_id -> image bytes of the given posts, from a DataFrame with post_id and image (an
+    images table): what the contact sheets show, collected to the driver."""
+    from pyspark.sql import functions as F
+
+    ids = sorted(set(ids))
+    if not ids:
+        return {}
+    return {r["post_id"]: bytes(r["image"]) for r in images.where(F.col("post_id").isin(ids))
+            .select("post_id", "image").collect()}
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "query"
 
@@ -169,8 +181,6 @@ def _query_vectors(texts: list[str], lda) -> np.ndarray:
 
 def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     """Rank unique images for each query; <lake>/tables/retrieval + reports/retrieval/<query>.png."""
-    from pyspark.sql import functions as F
-
     from sparkml import storage
     from sparkml.lake import Lake, Summary, begin_output, write_table
     from sparkml.topics import load_lda
@@ -185,9 +195,7 @@ def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     ranked = rank(emb, "vector", qv, k, cfg.retrieval.metric)
     rows = [(q, n + 1, pid, s) for q, hits in zip(queries, ranked) for n, (pid, s) in enumerate(hits)]
     write_table(spark.createDataFrame(rows, TABLES["retrieval"].schema).repartition(1), lake, "retrieval")
-    ids = sorted({r[2] for r in rows})
-    images = {r["post_id"]: bytes(r["image"]) for r in spark.read.parquet(lake.table("images"))
-              .where(F.col("post_id").isin(ids)).select("post_id", "image").collect()} if ids else {}
+    images = jpegs(spark.read.parquet(lake.table("images")), [r[2] for r in rows])
     sheets = []
     for q, hits in zip(queries, ranked):
         uri = f"{lake.report('retrieval')}/{slug(q)}.png"

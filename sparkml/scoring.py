@@ -44,7 +44,7 @@ PASS_ARROW = to_arrow(PASS)
 # ---------------------------------------------------------------- which models, checked
 
 
-def _svm_model(spark: SparkSession, lake: Lake, cfg: Config) -> dict | None:
+def _svm_model(spark: SparkSession, lake: Lake) -> dict | None:
     """The best SVM train_svm chose on validation, with the features it was trained on."""
     uri = f"{lake.model(SVM)}/_SUMMARY.json"
     if not storage.exists(spark, uri):
@@ -65,7 +65,7 @@ def models(spark: SparkSession, cfg: Config) -> tuple[dict, dict]:
     found, missing = {}, {}
     for name in cfg.score.models:
         if name == SVM:
-            m = _svm_model(spark, lake, cfg)
+            m = _svm_model(spark, lake)
         else:
             m = read_exported(lake.model(name), cfg.s3.endpoint, cfg.s3.region)
         if m is None:
@@ -118,8 +118,8 @@ def _check(spark: SparkSession, cfg: Config, name: str, m) -> None:
 def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame]:
     """(prepared images: post_id, city, image; rejects; input keys) of score.input, through
     ingest's checks and prepare_images' decode and resize, nothing written."""
-    from sparkml.prepare import prepare_batch
-    from sparkml.sources import ingest_archive, ingest_instacities, ingest_manifest, read_posts
+    from sparkml.prepare import options, prepare_batch
+    from sparkml.sources import plan, read_posts
 
     s = cfg.score
     if s.input is None:
@@ -133,17 +133,10 @@ def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
         none = spark.createDataFrame([], TABLES["rejected"].schema)
         return images, none, images.select(F.col("post_id").alias("key"))
     src = cfg.model_copy(update={"source": Source(path=s.input, layout=s.layout)})
-    if s.layout == "instacities":
-        todo, rejects, inputs = ingest_instacities(spark, src)
-    elif s.layout == "manifest":
-        todo, rejects, inputs, _ = ingest_manifest(spark, src)
-    else:
-        todo, rejects, inputs, _ = ingest_archive(spark, src)
+    todo, rejects, inputs, _ = plan(spark, src)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.ingest.batch_rows))
     posts = read_posts(spark, todo, src)
-    p = cfg.prepare
-    opts = dict(size=p.size, policy=p.policy, quality=p.quality, max_pixels=p.max_pixels, min_side=p.min_side,
-                oversample=p.oversample)
+    opts = options(cfg.prepare)
     cities = todo.select("post_id", "city")  # from the metadata: selecting it from posts would read the bytes again
     acc = progress.counter(spark)
     prepared = posts.select("post_id", "image_bytes").mapInArrow(

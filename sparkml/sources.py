@@ -371,19 +371,23 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
 # ---------------------------------------------------------------- the stage
 
 
+def plan(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """(todo, rejects, input_keys, flags) of cfg.source in its layout: what read_posts reads."""
+    if cfg.source.layout == "instacities":
+        todo, rejects, inputs = ingest_instacities(spark, cfg)
+        return todo, rejects, inputs, {}
+    if cfg.source.layout == "manifest":
+        return ingest_manifest(spark, cfg)
+    return ingest_archive(spark, cfg)
+
+
 def ingest(spark: SparkSession, cfg: Config) -> Summary:
     """Read the configured source and write <lake>/tables/posts and the stage's rejects."""
     lake = Lake(cfg.lake)
     out = lake.table("posts")
     begin_output(spark, out)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.ingest.batch_rows))
-    flags: dict[str, int] = {}
-    if cfg.source.layout == "instacities":
-        todo, rejects, inputs = ingest_instacities(spark, cfg)
-    elif cfg.source.layout == "manifest":
-        todo, rejects, inputs, flags = ingest_manifest(spark, cfg)
-    else:
-        todo, rejects, inputs, flags = ingest_archive(spark, cfg)
+    todo, rejects, inputs, flags = plan(spark, cfg)
     rejected = write_rejected(spark, lake, STAGE, rejects)
     write_table(read_posts(spark, todo, cfg), lake, "posts")
     written = spark.read.parquet(out)
