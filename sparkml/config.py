@@ -58,6 +58,26 @@ class Sample(Section):
     workers: int = Field(2, ge=1, description="processes rendering images")
 
 
+class Http(Section):
+    concurrency: int = Field(128, ge=1, description="http(s) image requests in flight per executor, all its tasks "
+                                                    "together (also bounds its open sockets)")
+    per_host: int = Field(32, ge=1, description="of those, at most this many to one host (lower it for small sites)")
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to connect")
+    read_timeout: float = Field(30.0, gt=0, description="seconds without a byte before a request times out")
+    timeout: float = Field(120.0, gt=0, description="seconds one request may take in all, redirects included")
+    max_bytes: int = Field(50 << 20, ge=1, description="larger bodies are abandoned mid-stream: reason too_large")
+    max_redirects: int = Field(5, ge=0, description="more hops: reason too_many_redirects")
+    retries: int = Field(4, ge=0, description="retries after a connection error, 429 or 5xx (not after a timeout)")
+    backoff: float = Field(0.5, ge=0, description="seconds before the first retry: doubled each retry, full jitter")
+    max_backoff: float = Field(30.0, ge=0, description="cap of one backoff")
+    max_retry_after: float = Field(120.0, ge=0, description="a longer Retry-After ends the URL's retries for this run")
+    user_agent: str = Field("instalearn/0.1 (batch image ingest)", min_length=1, description="User-Agent header")
+    allow_private: bool = Field(False, description="fetch from loopback, private and link-local addresses (tests, "
+                                                   "an internal image server); off, so a manifest cannot reach them")
+    urls_per_task: int = Field(10000, ge=1, description="URLs per fetch task, at least one task per core (what a task "
+                                                       "fetched is in the cache: a retried task asks only for the rest)")
+
+
 class Ingest(Section):
     read_threads: int = Field(
         16, ge=1, description="concurrent reads per task for images/captions read by URI (hides S3 latency)"
@@ -66,6 +86,8 @@ class Ingest(Section):
         64, ge=1, description="rows per Arrow batch when image bytes travel to Python (bounds memory)"
     )
     partition_mb: int = Field(128, ge=1, description="target image bytes per task when reading a manifest's images")
+    http: Http = Field(default_factory=Http, description="http(s):// images in a manifest, fetched on executors into "
+                                                        "<lake>/cache/http (a re-run fetches only what is missing)")
 
 
 class Prepare(Section):

@@ -47,6 +47,10 @@ class Lake:
     def model(self, name: str) -> str:
         return f"{self.root}/models/{name}"
 
+    def cache(self, name: str) -> str:
+        """Kept between runs so that a re-run does not redo work (fetched URLs); safe to delete."""
+        return f"{self.root}/cache/{name}"
+
     def report(self, name: str = "") -> str:
         return f"{self.root}/reports/{name}".rstrip("/")
 

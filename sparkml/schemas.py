@@ -26,6 +26,13 @@ class Reason(str, Enum):
     BAD_MANIFEST_ROW = "bad_manifest_row"    # a manifest row without post_id/image, or unparsable
     UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
     VIDEO = "video"                          # an Instagram export's video (the studies use still images)
+    # ingest of http(s) image URLs (sparkml.fetch)
+    HTTP_STATUS = "http_status"              # the server answered with an error status (the code is in the detail)
+    TIMEOUT = "timeout"                      # no answer within ingest.http's connect / read / total timeouts
+    TOO_LARGE = "too_large"                  # the body is larger than ingest.http.max_bytes
+    TOO_MANY_REDIRECTS = "too_many_redirects"  # more than ingest.http.max_redirects hops
+    CONNECTION_ERROR = "connection_error"    # refused, reset, DNS failure: after ingest.http.retries retries
+    PRIVATE_ADDRESS = "private_address"      # the host is a loopback / private / link-local address (refused)
     # prepare_images
     NOT_AN_IMAGE = "not_an_image"            # the bytes are no image format we read (an HTML error page, ...)
     DECOMPRESSION_BOMB = "decompression_bomb"  # the header claims more pixels than prepare.max_pixels

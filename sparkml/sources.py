@@ -9,21 +9,27 @@ never shuffles them, so ingest costs one read of the images plus one write.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from typing import Iterator
 
 import pyarrow as pa
+from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import progress, storage
+from sparkml import fetch, progress, storage
 from sparkml.config import Config, ConfigError
 from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, INSTAGRAM_POSTS, MANIFEST_COLUMNS, POSTS, SPLIT_CAP,
                              SPLIT_IMG, SPLITS, TABLES, VIDEO_EXTENSIONS, CaptionStatus, Reason)
 
 STAGE = "ingest"
+# what an image reference may be: a path, a file/object-store URI, an http(s) URL
+URI_SCHEMES = ("file", *storage.S3_SCHEMES, "gs", "http", "https")
+log = logging.getLogger("instalearn")
 
 
 def decode_caption(raw: bytes | None) -> tuple[str | None, str]:
@@ -155,7 +161,7 @@ def _as_timestamp(col: str):
 
 
 def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
-    """(todo, rejects, input_keys, flags) for a manifest source."""
+    """(todo, rejects, input_keys, extra) for a manifest source."""
     uri = cfg.source.path
     raw = read_manifest(spark, uri).withColumn("_row", F.monotonically_increasing_id())
     return manifest_rows(spark, raw, storage.parent(uri), cfg)
@@ -163,12 +169,15 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
 
 def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
                   cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
-    """(todo, rejects, input_keys, flags) of manifest-shaped rows (MANIFEST_COLUMNS as text,
+    """(todo, rejects, input_keys, extra) of manifest-shaped rows (MANIFEST_COLUMNS as text,
     _corrupt, a unique _row), image references resolved against base_dir."""
     blank = lambda c: F.col(c).isNull() | (F.trim(F.col(c)) == "")  # noqa: E731
     problem = (F.when(F.col("_corrupt").isNotNull(), F.concat(F.lit("unparsable row: "), F.substring("_corrupt", 1, 200)))
                .when(blank("post_id"), F.lit("missing post_id"))
-               .when(blank("image"), F.lit("missing image")))
+               .when(blank("image"), F.lit("missing image"))
+               .when(F.trim("image").rlike("^[A-Za-z][A-Za-z0-9+.-]*://")
+                     & ~F.lower(F.trim("image")).rlike(f"^({'|'.join(URI_SCHEMES)})://"),
+                     F.concat(F.lit("unsupported URI scheme: "), F.substring(F.trim("image"), 1, 200))))
     checked = raw.withColumn("_problem", problem)
     bad = checked.where(F.col("_problem").isNotNull()).withColumn("post_id", F.trim("post_id"))
     rows = checked.where(F.col("_problem").isNull()).select(
@@ -185,6 +194,7 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
                                     "_order")
     threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
     kept = kept.drop("_order")
+    is_url = F.lower(F.col("image")).rlike("^https?://")
     sized_schema = T.StructType([f for f in kept.schema.fields if f.name != "image"] + [
         T.StructField("image_uri", T.StringType()), T.StructField("image_size", T.LongType())])
 
@@ -196,20 +206,66 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
             yield pa.RecordBatch.from_arrays(cols + [pa.array(uris, pa.string()), pa.array(found, pa.int64())],
                                              names=sized_schema.fieldNames())
 
-    sized = kept.mapInArrow(stat, sized_schema).persist()
-    rejects = union_all([
+    sized = kept.where(~is_url).mapInArrow(stat, sized_schema) \
+        .withColumn("read_uri", F.lit(None).cast("string")).persist()
+    rejects = [
         _rejects(bad, Reason.BAD_MANIFEST_ROW, F.col("_problem")),
         _rejects(dropped, Reason.DUPLICATE_POST, F.lit("post_id repeated in the manifest")),
         _rejects(sized.where(F.col("image_size").isNull()), Reason.IMAGE_MISSING,
                  F.concat(F.lit("no file at "), F.col("image_uri"))),
         _rejects(sized.where(F.col("image_size") == 0), Reason.EMPTY_IMAGE, F.col("image_uri")),
-    ])
+    ]
     good = sized.where(F.col("image_size") > 0)
+    extra = {}
+    if raw.where(F.lower(F.trim("image")).rlike("^https?://")).limit(1).count():
+        fetched, extra["http"] = fetch_urls(spark, kept.where(is_url), cfg)
+        rejects.append(fetched.where(F.col("_reason").isNotNull())
+                       .select("post_id", F.col("_reason").alias("reason"), F.col("_detail").alias("detail")))
+        good = good.unionByName(fetched.where(F.col("_reason").isNull())
+                                .select(*[c for c in kept.columns if c != "image"], F.col("image").alias("image_uri"),
+                                        "image_size", "read_uri"))
     agg = good.agg(*[F.sum(F.col(f"_{k}").cast("int")).alias(k)
                      for k in ("bad_likes", "bad_followers", "bad_posted_at")]).first()
-    flags = {k: int(agg[k] or 0) for k in ("bad_likes", "bad_followers", "bad_posted_at")}
-    return good.drop("_row", "_bad_likes", "_bad_followers", "_bad_posted_at"), rejects, \
-        raw.select(F.col("_row").alias("key")), flags
+    extra["flags"] = {k: int(agg[k] or 0) for k in ("bad_likes", "bad_followers", "bad_posted_at")}
+    return good.drop("_row", "_bad_likes", "_bad_followers", "_bad_posted_at"), union_all(rejects), \
+        raw.select(F.col("_row").alias("key")), extra
+
+
+def fetch_urls(spark: SparkSession, rows: DataFrame, cfg: Config) -> tuple[DataFrame, dict]:
+    """Manifest rows whose image is an http(s) URL, fetched on executors into <lake>/cache/http
+    (sparkml.fetch): the rows with read_uri (the cached bytes) and image_size, or _reason and
+    _detail; persisted, with the fetch's figures for the summary."""
+    cache = Lake(cfg.lake).cache("http")
+    http, threads, endpoint, region = cfg.ingest.http, cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
+    n = rows.count()
+    parts = max(spark.sparkContext.defaultParallelism, math.ceil(n / http.urls_per_task))
+    schema = T.StructType(rows.schema.fields + [
+        T.StructField(f.name, T.LongType() if pa.types.is_integer(f.type) else
+                      T.BooleanType() if pa.types.is_boolean(f.type) else T.StringType()) for f in fetch.OUTPUT])
+    acc = progress.counter(spark, n)
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        def counted():
+            for b in batches:
+                acc.add(b.num_rows)
+                yield b
+        yield from fetch.fetch_batches(counted(), "image", http, cache, endpoint, region, io_threads=threads)
+
+    t0 = time.perf_counter()
+    # hashing the URL spreads one host's URLs over the tasks (and so over the executors' slots)
+    out = rows.repartition(parts, "image").mapInArrow(run, schema).persist(StorageLevel.DISK_ONLY)
+    a = out.agg(F.count("*").alias("urls"), F.sum(F.col("_skipped").cast("int")).alias("skipped"),
+                F.sum("_requests").alias("requests"), F.sum("_retries").alias("retries"),
+                F.sum("_bytes").alias("bytes"), F.max("_open_files").alias("peak_open_files"),
+                F.sum(F.col("_reason").isNull().cast("int")).alias("fetched")).first()
+    secs = time.perf_counter() - t0
+    stats = {k: int(a[k] or 0) for k in ("urls", "skipped", "requests", "retries", "bytes", "peak_open_files")}
+    stats.update(ok=int(a["fetched"] or 0), seconds=round(secs, 2), requests_per_s=round(stats["requests"] / secs, 1),
+                 cache=cache)
+    if stats["skipped"]:
+        log.info("ingest: %d of %d URLs were already fetched (or refused for good) by an earlier run: not asked again "
+                 "(%s)", stats["skipped"], n, cache)
+    return out, stats
 
 
 # ---------------------------------------------------------------- a personal archive: Instagram export or folder
@@ -309,21 +365,21 @@ def _archive_raw(spark: SparkSession, cfg: Config) -> tuple[list[dict], list[tup
 
 
 def ingest_archive(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
-    """(todo, rejects, input_keys, flags) for an Instagram export or a folder of images: the
+    """(todo, rejects, input_keys, extra) for an Instagram export or a folder of images: the
     images become manifest rows (so duplicates, missing and empty files are handled alike);
     videos and other files are rejected with their reason."""
     rows, skipped = _archive_raw(spark, cfg)
     strings = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS])
     raw = spark.createDataFrame([tuple(r.get(c) for c in MANIFEST_COLUMNS) for r in rows], strings) \
         .withColumn("_corrupt", F.lit(None).cast("string")).withColumn("_row", F.monotonically_increasing_id())
-    todo, rejects, inputs, flags = manifest_rows(spark, raw, storage.qualify(cfg.source.path), cfg)
+    todo, rejects, inputs, extra = manifest_rows(spark, raw, storage.qualify(cfg.source.path), cfg)
     inputs = inputs.select(F.col("key").cast("string"))
     if skipped:
         other = spark.createDataFrame([(k, r.value, d) for k, r, d in skipped],
                                       "post_id string, reason string, detail string")
         rejects = rejects.unionByName(other)
         inputs = inputs.unionByName(other.select(F.col("detail").alias("key")))
-    return todo, rejects, inputs, flags
+    return todo, rejects, inputs, extra
 
 
 # ---------------------------------------------------------------- reading the bytes (every layout)
@@ -345,7 +401,7 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
     def read(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             acc.add(b.num_rows)
-            uris = b.column("image_uri").to_pylist()
+            uris = b.column("_read").to_pylist()
             blobs = storage.read_many(uris, threads, endpoint, region)
             for u, blob in zip(uris, blobs):
                 if blob is None:
@@ -365,17 +421,19 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
 
     cols = ["post_id", "city", "split", "caption", "caption_uri", "user_id", "likes", "followers",
             "posted_at", "image_uri"]
-    return todo.select(*cols).repartition(parts, "post_id").mapInArrow(read, POSTS)
+    # fetched URLs are read from the lake's cache; image_uri keeps the URL
+    read_from = F.coalesce("read_uri", "image_uri") if "read_uri" in todo.columns else F.col("image_uri")
+    return todo.select(*cols, read_from.alias("_read")).repartition(parts, "post_id").mapInArrow(read, POSTS)
 
 
 # ---------------------------------------------------------------- the stage
 
 
 def plan(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
-    """(todo, rejects, input_keys, flags) of cfg.source in its layout: what read_posts reads."""
+    """(todo, rejects, input_keys, extra) of cfg.source in its layout: what read_posts reads."""
     if cfg.source.layout == "instacities":
         todo, rejects, inputs = ingest_instacities(spark, cfg)
-        return todo, rejects, inputs, {}
+        return todo, rejects, inputs, {"flags": {}}
     if cfg.source.layout == "manifest":
         return ingest_manifest(spark, cfg)
     return ingest_archive(spark, cfg)
@@ -387,7 +445,7 @@ def ingest(spark: SparkSession, cfg: Config) -> Summary:
     out = lake.table("posts")
     begin_output(spark, out)
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.ingest.batch_rows))
-    todo, rejects, inputs, flags = plan(spark, cfg)
+    todo, rejects, inputs, extra = plan(spark, cfg)
     rejected = write_rejected(spark, lake, STAGE, rejects)
     write_table(read_posts(spark, todo, cfg), lake, "posts")
     written = spark.read.parquet(out)
@@ -395,5 +453,5 @@ def ingest(spark: SparkSession, cfg: Config) -> Summary:
     return Summary(
         stage=STAGE, input_rows=inputs.count(), output_rows=sum(status.values()), rejected=rejected, output=out,
         extra={"source": storage.qualify(cfg.source.path), "layout": cfg.source.layout,
-               "caption_status": status, "flags": flags},
+               "caption_status": status, **extra},
     )

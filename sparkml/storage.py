@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
@@ -161,18 +162,21 @@ def read_uri(uri: str, endpoint: str | None = None, region: str | None = None) -
         raise
 
 
-def write_uri(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None) -> None:
+def write_uri(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None,
+              durable: bool = True) -> None:
     """Write data to uri so that no reader ever sees part of it: a local file is written beside
-    its name and renamed into place; an S3 or GCS object only appears when its upload completes."""
+    its name and renamed into place (fsync'ed first unless not `durable`: a cache whose reader
+    treats an empty file as absent); an S3 or GCS object only appears when its upload completes."""
     scheme, path = arrow_path(uri)
     fs = arrow_filesystem(scheme, endpoint, region)
     if scheme == "file":
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}.tmp")
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
         return
     with fs.open_output_stream(path) as f:
