@@ -17,8 +17,9 @@ export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
 # Quiet JVM logging for local spark-submit runs.
 export SPARK_CONF_DIR := $(CURDIR)/conf/spark
-# spark-submit starts the JVM before the job reads its profile: give it the memory here.
-SUBMIT := spark-submit --driver-memory 6g
+# spark-submit starts the JVM before the job reads its profile: give it the memory here, and the
+# master with task retries (its implicit local[*] would win over the profile's and allow one attempt).
+SUBMIT := spark-submit --driver-memory 6g --master 'local[*,4]'
 
 # Horovod 0.28.1 patched for torch 2.14 (deploy/horovod/): built once into a cache outside git,
 # installed into the venv only for the tests and for train.backend=horovod.
@@ -26,7 +27,7 @@ WHEELS        := .cache/wheels
 HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-cp311-cp311-linux_x86_64.whl
 HOROVOD_STAMP := $(VENV)/.horovod
 
-.PHONY: setup demo test jars horovod browser clean
+.PHONY: setup demo test fuzz jars horovod browser clean
 
 # Reinstalls only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -58,6 +59,12 @@ browser:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver \
 		|| { $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q \
 		--no-install-recommends chromium chromium-driver; }; }
+
+# The long run of the per-image fuzzer (make test runs a few hundred cases): 100,000 seeded
+# mutations of JPEG, PNG, GIF and WebP files, each must end as an image or a reject.
+FUZZ_CASES ?= 100000
+fuzz: setup
+	$(BIN)/python -m tests.fuzz --cases $(FUZZ_CASES)
 
 demo: setup
 	$(BIN)/python jobs/make_sample.py --config $(CONFIG)

@@ -27,7 +27,6 @@ import io
 import math
 import threading
 from dataclasses import dataclass
-from struct import error as struct_error  # Pillow raises it on some corrupt headers
 
 import cv2
 import numba
@@ -81,13 +80,29 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
+def _grey8(arr: np.ndarray, floating: bool) -> np.ndarray:
+    """One 16/32-bit integer or float channel -> uint8: float data in [0, 1] x 255, data within
+    0..255 as it is, 16-bit data / 256, anything else stretched from its minimum to its maximum
+    (NaN and infinities as 0)."""
+    a = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if floating and lo >= 0 and hi <= 1:
+        a = a * 255
+    elif lo >= 0 and hi <= 255:
+        pass
+    elif lo >= 0 and hi <= 65535:
+        a = a // 256
+    else:
+        a = (a - lo) * (255 / (hi - lo))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     """Any Pillow mode -> HxWx3 uint8 RGB; transparency is composited on white."""
     if im.mode == "RGB":
         return np.asarray(im)
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, np.uint32)
-        return np.repeat((arr >> 8 if arr.max() > 255 else arr).astype(np.uint8)[..., None], 3, axis=2)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return np.repeat(_grey8(np.asarray(im), floating=im.mode == "F")[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -288,16 +303,16 @@ def _plain_jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _decode_jpeg(data: bytes, width: int, height: int) -> np.ndarray | None:
+def _decode_jpeg(data: bytes, width: int, height: int) -> tuple[np.ndarray | None, str | None]:
     """libjpeg-turbo DCT-domain scaled decode to (width, height) from _decode_scale, into this
-    thread's scratch buffer (valid until the next call), or None when libjpeg reports any
-    damage (the caller then lets Pillow decide between a reject and a tolerable warning).
+    thread's scratch buffer (valid until the next call); (None, libjpeg's message) when it
+    reports any damage (the caller then decides between a reject and a tolerable warning).
     Nearest-neighbour chroma upsampling: resize_planes box-averages chroma back anyway."""
     try:
         return simplejpeg.decode_jpeg(data, "RGB", fastupsample=True, min_width=width, min_height=height,
-                                      buffer=_scratch("decoded", (height, width, 3)), strict=True)
-    except ValueError:
-        return None
+                                      buffer=_scratch("decoded", (height, width, 3)), strict=True), None
+    except ValueError as e:
+        return None, str(e)
 
 
 def prepare_image(data: bytes, size: int = 300, policy: str = "squash", quality: int = 90,
@@ -326,7 +341,11 @@ def prepare_image(data: bytes, size: int = 300, policy: str = "squash", quality:
         tw, th = _decode_target(w, h, size, policy, oversample)
         if orientation >= 5:
             tw, th = th, tw
-        arr = _decode_jpeg(data, *_decode_scale(*stored, tw, th)) if fmt == "jpeg" and mode == "RGB" else None
+        arr, damage = _decode_jpeg(data, *_decode_scale(*stored, tw, th)) if fmt == "jpeg" and mode == "RGB" \
+            else (None, None)
+        if damage and "premature end of data segment" in damage.lower():
+            # the scan ends before the rows the header claims: Pillow would pad the rest with grey
+            return Rejected(Reason.TRUNCATED_IMAGE, f"{damage} ({w}x{h} claimed)")
         if arr is None:  # CMYK, grayscale, damaged JPEGs and every other format: Pillow decides
             if im is None:
                 im = Image.open(io.BytesIO(data))
@@ -336,7 +355,9 @@ def prepare_image(data: bytes, size: int = 300, policy: str = "squash", quality:
             arr = _to_rgb(im)
     except Image.DecompressionBombError as e:  # pragma: no cover - MAX_IMAGE_PIXELS is off; kept as a guard
         return Rejected(Reason.DECOMPRESSION_BOMB, str(e))
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error) as e:
+    # Any failure of the decoders on these bytes (Pillow's plugins raise more than their
+    # documented types on damaged headers) is this file's reject, never the job's end.
+    except Exception as e:  # noqa: BLE001
         msg = f"{type(e).__name__}: {e}"
         truncated = any(k in msg.lower() for k in ("truncated", "premature end"))
         reason = Reason.TRUNCATED_IMAGE if truncated else Reason.CORRUPT_IMAGE
