@@ -13,10 +13,12 @@ import argparse
 import logging
 import sys
 import time
+import uuid
 from typing import Callable
 
+from sparkml import lake, storage
 from sparkml.config import Config, ConfigError, describe_keys, load_config
-from sparkml.lake import IncompleteInput, Summary, write_summary
+from sparkml.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, write_summary
 
 log = logging.getLogger("instalearn")
 
@@ -66,6 +68,16 @@ def setup_logging() -> None:
     logging.getLogger("gensim.models.ldamodel").setLevel(logging.INFO)  # LDA training progress
 
 
+def _first_line(e: Exception) -> str:
+    """The meaningful line of a (possibly Java) exception."""
+    text = str(e).strip()
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("at ", "Traceback", "py4j", "An error occurred")):
+            return line[:300]
+    return type(e).__name__
+
+
 def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
         add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
         base: Callable[[argparse.Namespace], dict] | None = None) -> int:
@@ -75,19 +87,41 @@ def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
     from sparkml import progress
     from sparkml.session import get_session  # pyspark import only once the options are good
 
-    spark = get_session(cfg, app_name=stage)
-    t0 = time.perf_counter()
     try:
+        storage.check_writable(cfg.lake)
+        storage.check_reachable([cfg.lake, cfg.source.path], cfg.s3.endpoint, cfg.s3.region)
+    except ConfigError as e:
+        print(f"{stage}.py: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        spark = get_session(cfg, app_name=stage)
+    except ConfigError as e:
+        print(f"{stage}.py: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the JVM refused a setting: one line, not its trace
+        print(f"{stage}.py: error: Spark did not start with these settings (the spark: section and --set "
+              f"spark.*): {_first_line(e)}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    lake.forget_reads()
+    try:  # the outputs' locks are held until the summary is written
         with progress.Progress(spark, stage, progress.interval(cfg.progress.interval)):
             summary = body(spark, cfg, args)
+        summary.seconds = round(time.perf_counter() - t0, 3)
+        # who made this output from what: readers refuse it once one of its inputs is rewritten
+        summary.extra.update(run_id=uuid.uuid4().hex, inputs=lake.inputs_read(summary.output))
+        log.info(summary.line())
+        print(summary.line())
+        if not summary.balanced:
+            # no _SUMMARY.json: the output must not look complete to the stages after this one
+            write_summary(spark, summary, FAILED_FILE)
+            log.error("%s: input != output + rejected + duplicates: records were lost; this is a bug. The output "
+                      "has no %s (the counts are in %s/%s)", stage, SUMMARY_FILE, summary.output, FAILED_FILE)
+            return 1
+        write_summary(spark, summary)
+        return 0
     except (ConfigError, IncompleteInput) as e:
         print(f"{stage}.py: error: {e}", file=sys.stderr)
         return 2
-    summary.seconds = round(time.perf_counter() - t0, 3)
-    write_summary(spark, summary)
-    log.info(summary.line())
-    print(summary.line())
-    if not summary.balanced:
-        log.error("%s: input != output + rejected + duplicates: records were lost; this is a bug", stage)
-        return 1
-    return 0
+    finally:
+        lake.release_locks()

@@ -11,10 +11,10 @@ from __future__ import annotations
 from datetime import datetime
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from sparkml.schemas import LAYOUTS
 
@@ -23,12 +23,22 @@ class ConfigError(ValueError):
     """A bad profile, option or override; jobs print it on one line and exit 2."""
 
 
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty (a blank path would mean the current folder)")
+    return value
+
+
+NonBlank = Annotated[str, AfterValidator(_not_blank)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # `--set lake=2024` or a numeric bucket name: YAML reads a number, the key wants text
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
 
 
 class Source(Section):
-    path: str = Field(description="URI of the input: an InstaCities1M folder, a manifest file, an Instagram "
+    path: NonBlank = Field(description="URI of the input: an InstaCities1M folder, a manifest file, an Instagram "
                                   "export folder or a folder of images")
     layout: Literal[LAYOUTS] = Field(
         description="instacities: <root>/img_resized_1M/cities_instagram/<city>/<id>.jpg (or the "
@@ -317,7 +327,7 @@ class ProgressLines(Section):
 
 
 class Config(Section):
-    lake: str = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
+    lake: NonBlank = Field(description="root URI of a run: tables/, datasets/, models/, reports/ live under it")
     source: Source
     spark: dict[str, str | int | float | bool] = Field(
         default_factory=dict,
@@ -372,8 +382,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set needs key=value, got {text!r}")
     key, raw = text.split("=", 1)
+    if not raw.strip() or raw.lstrip().startswith("#") or " #" in raw or "\t#" in raw:
+        return key.strip(), raw  # as typed: YAML would read ' #...' as a comment and drop it
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -396,7 +396,7 @@ class CachedFetcher:
             await self._io(storage.write_uri, where[0], r.data, self.endpoint, self.region, False)
             return Outcome(size=len(r.data), result=r)
         if r.reason in PERMANENT and not r.transient:  # a 503 after the last retry may pass next time
-            body = json.dumps({"url": url, "reason": r.reason.value, "detail": r.detail}).encode()
+            body = json.dumps({"reason": r.reason.value, "detail": r.detail}).encode()  # no URL: it may hold a password
             await self._io(storage.write_uri, where[1], body, self.endpoint, self.region, False)
         return Outcome(reason=r.reason.value, detail=r.detail, result=r)
 

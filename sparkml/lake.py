@@ -10,8 +10,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
+import posixpath
+import socket
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -28,6 +32,7 @@ from sparkml.schemas import TABLES, with_reject
 log = logging.getLogger("instalearn")
 
 SUMMARY_FILE = "_SUMMARY.json"
+FAILED_FILE = "_FAILED.json"  # the counts of a run whose counts did not balance (never read as complete)
 
 
 class Lake:
@@ -63,10 +68,41 @@ class UnusableInput(IncompleteInput):
     """The input exists but cannot train or test a model (one class only, no test rows)."""
 
 
+# The outputs this process's stage has read (URI -> their run_id): cli.run records them in the
+# stage's summary, so that a later reader can tell when an input was rewritten underneath it.
+_reads: dict[str, str | None] = {}
+
+
+def inputs_read(output: str) -> dict[str, str | None]:
+    """The inputs read so far, each named relative to `output` when they share a filesystem
+    (so a lake copied or moved whole keeps its links), else by its URI."""
+    out_scheme, out_path = storage.qualify(output).split("://", 1)
+    named = {}
+    for uri, run_id in _reads.items():
+        scheme, path = uri.split("://", 1)
+        same = scheme == out_scheme and path.split("/", 1)[0] == out_path.split("/", 1)[0]
+        named[posixpath.relpath(path, out_path) if same else uri] = run_id
+    return named
+
+
+def forget_reads() -> None:
+    _reads.clear()
+
+
 def read_complete(spark: SparkSession, uri: str, remedy: str) -> DataFrame:
-    """Parquet at uri that its writer finished (its _SUMMARY.json exists); else IncompleteInput."""
+    """Parquet at uri that its writer finished (its _SUMMARY.json exists) from the inputs that
+    are there now; else IncompleteInput (a stale output names its job too)."""
     if not storage.exists(spark, f"{uri}/{SUMMARY_FILE}"):
         raise IncompleteInput(f"{uri} is missing or incomplete: {remedy}")
+    summary = read_summary(spark, uri)
+    for name, run_id in (summary.get("inputs") or {}).items():
+        upstream = storage.resolve(uri, name)
+        now = read_summary(spark, upstream).get("run_id") if storage.exists(spark, f"{upstream}/{SUMMARY_FILE}") \
+            else None
+        if run_id and now != run_id:
+            raise IncompleteInput(f"{uri} is stale: it was made from {upstream}, which has been rewritten (or removed) "
+                                  f"since; {remedy.replace(' first', ' again')}")
+    _reads[uri] = summary.get("run_id")
     return spark.read.parquet(uri)
 
 
@@ -123,13 +159,53 @@ class Summary:
                 f"rejected[{rej}]{dup} {self.seconds:.1f}s -> {self.output}")
 
 
+class Busy(IncompleteInput):
+    """Another run is writing the same output right now."""
+
+
+_locks: dict[str, int] = {}  # lock path -> descriptor, the output locks this process holds (cli.run releases them)
+
+
+def _lock(output: str) -> None:
+    """One writer per output of a local lake: an flock on <parent>/.<name>.lock, held until the
+    stage ends (released with the process, whatever kills it). Object stores offer no such lock:
+    there, two runs on one lake must be kept apart by whoever starts them (docs/architecture.md)."""
+    q = storage.qualify(output)
+    if not q.startswith("file://"):
+        return
+    parent, name = q[len("file://"):].rstrip("/").rsplit("/", 1)
+    os.makedirs(parent, exist_ok=True)
+    path = f"{parent}/.{name}.lock"
+    if path in _locks:  # this process holds it already
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise Busy(f"{output} is being written by another run right now ({holder}): wait for it to end, or stop "
+                   "it, then run this again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    _locks[path] = fd
+
+
+def release_locks() -> None:
+    while _locks:
+        os.close(_locks.popitem()[1])
+
+
 def begin_output(spark: SparkSession, output: str) -> None:
-    """Remove the old summary first, so a failed re-run never looks complete."""
+    """Take the output's lock (a second run at once refuses), then remove the old summary, so a
+    failed re-run never looks complete."""
+    _lock(output)
     storage.delete(spark, f"{output}/{SUMMARY_FILE}")
+    storage.delete(spark, f"{output}/{FAILED_FILE}")
 
 
-def write_summary(spark: SparkSession, summary: Summary) -> None:
-    storage.write_bytes(spark, f"{summary.output}/{SUMMARY_FILE}", summary.to_json().encode())
+def write_summary(spark: SparkSession, summary: Summary, name: str = SUMMARY_FILE) -> None:
+    storage.write_bytes(spark, f"{summary.output}/{name}", summary.to_json().encode())
 
 
 def read_summary(spark: SparkSession, output: str) -> dict:

@@ -226,6 +226,7 @@ def _svm_scores(rows: DataFrame, svm: dict) -> DataFrame:
 def score(spark: SparkSession, cfg: Config) -> Summary:
     """score.input -> <lake>/tables/scores (+ rejects of stage score)."""
     from dl.models import ModelError
+    from dl.score import _network as network
     from sparkml.features import extractor
 
     lake = Lake(cfg.lake)
@@ -237,6 +238,13 @@ def score(spark: SparkSession, cfg: Config) -> Summary:
             extractor(f.model, f.weights, (found[SVM]["layer"],), f.seed, cfg.s3.endpoint, cfg.s3.region)
         except ModelError as e:
             raise ConfigError(f"score: features: {e}") from None
+    for name, m in found.items():  # a damaged model.pt: one line here, not a trace from every task
+        if name != SVM:
+            try:
+                network(m.root, m.version, cfg.s3.endpoint, cfg.s3.region, "cpu")
+            except ModelError as e:
+                raise IncompleteInput(f"score: models/{name}: {e}; export it again with jobs/train_cnn.py "
+                                      f"--task {name}") from None
     out = lake.table("scores")
     begin_output(spark, out)
     images, rejects, inputs = new_images(spark, cfg)

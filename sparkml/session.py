@@ -67,7 +67,7 @@ def get_session(cfg: Config, app_name: str = "instalearn") -> SparkSession:
         wanted = {k: v for k, v in wanted.items() if not given.contains(k)}
         master = given.get("spark.master", wanted.get("spark.master", ""))
     else:
-        master = wanted.setdefault("spark.master", "local[*]")
+        master = wanted.setdefault("spark.master", "local[*, 4]")
     for key, value in wanted.items():
         builder = builder.config(key, value)
     if master.startswith("local"):

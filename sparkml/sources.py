@@ -20,7 +20,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import fetch, progress, storage
+from sparkml import fetch, manifests, progress, storage
 from sparkml.config import Config, ConfigError
 from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, INSTAGRAM_POSTS, MANIFEST_COLUMNS, POSTS, SPLIT_CAP,
@@ -58,9 +58,9 @@ def _rejects(df: DataFrame, reason: Reason, detail) -> DataFrame:
     return df.select(F.col("post_id"), F.lit(reason.value).alias("reason"), detail.alias("detail"))
 
 
-def _first_per_post(df: DataFrame, order_col: str) -> tuple[DataFrame, DataFrame]:
-    """(kept, dropped): one row per post_id, the lowest `order_col` wins; dropped carry `kept_as`."""
-    w = Window.partitionBy("post_id").orderBy(order_col)
+def _first_per_post(df: DataFrame, order_col: str, keys: tuple[str, ...] = ("post_id",)) -> tuple[DataFrame, DataFrame]:
+    """(kept, dropped): one row per key, the lowest `order_col` wins; dropped carry `kept_as`."""
+    w = Window.partitionBy(*keys).orderBy(order_col)
     ranked = df.withColumn("_rn", F.row_number().over(w)).withColumn("kept_as", F.first(order_col).over(w))
     return (ranked.where("_rn = 1").drop("_rn", "kept_as"), ranked.where("_rn > 1").drop("_rn"))
 
@@ -102,7 +102,11 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
     good = meta.where(is_image)
     kept, dropped = _first_per_post(good, "uri")
     keys = ["split", "city", "post_id"] if with_split else ["city", "post_id"]
-    caps = _listing(spark, cap_root, with_split, cfg).where(F.col("ok") & (F.col("ext") == "txt"))
+    all_caps = _listing(spark, cap_root, with_split, cfg).where(F.col("ok") & (F.col("ext") == "txt"))
+    # 1.txt and 1.TXT for one post: one caption is kept (a lowercase .txt first), the others rejected
+    caps, extra_caps = _first_per_post(all_caps.withColumn("uri_order", F.concat(
+        (~F.col("uri").endswith(".txt")).cast("int").cast("string"), F.col("uri"))), "uri_order", tuple(keys))
+    caps, extra_caps = caps.drop("uri_order"), extra_caps.drop("uri_order")
     orphans = caps.join(good.select(*keys), keys, "left_anti")
     rejects = union_all([
         _rejects(meta.where(~is_image).withColumn("post_id", F.lit(None).cast("string")),
@@ -110,6 +114,9 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
         _rejects(dropped, Reason.DUPLICATE_POST, F.concat(F.col("uri"), F.lit(" duplicates "), F.col("kept_as"))),
         _rejects(kept.where("size = 0"), Reason.EMPTY_IMAGE, F.col("uri")),
         _rejects(orphans, Reason.IMAGE_MISSING, F.concat(F.lit("caption "), F.col("uri"), F.lit(" has no image"))),
+        _rejects(extra_caps.withColumn("post_id", F.lit(None).cast("string")), Reason.UNRECOGNIZED_FILE,
+                 F.concat(F.col("uri"), F.lit(": a second caption file for one post (kept "),
+                          F.substring("kept_as", 2, 1 << 20), F.lit(")"))),
     ])
     todo = (kept.where("size > 0")
             .join(caps.select(*keys, F.col("uri").alias("caption_uri")), keys, "left")
@@ -117,41 +124,72 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
                     *[F.lit(None).cast(t).alias(c) for c, t in
                       (("user_id", "string"), ("likes", "long"), ("followers", "long"), ("posted_at", "timestamp"))],
                     F.col("uri").alias("image_uri"), F.col("size").alias("image_size")))
-    inputs = meta.select(F.col("uri").alias("key")).unionByName(orphans.select(F.col("uri").alias("key")))
+    inputs = union_all([meta.select(F.col("uri").alias("key")), orphans.select(F.col("uri").alias("key")),
+                        extra_caps.select(F.col("uri").alias("key"))])
     return todo, rejects, inputs
 
 
 # ---------------------------------------------------------------- manifest layout
 
 
-def read_manifest(spark: SparkSession, uri: str) -> DataFrame:
-    """A CSV, JSON Lines or Parquet manifest with every known column as text (+ _corrupt)."""
-    q = storage.qualify(uri)
+MANIFEST_KINDS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet"}
+
+
+def _manifest_kind(spark: SparkSession, q: str, uri: str, endpoint: str | None, region: str | None) -> str:
+    """csv, json or parquet: from the file's extension, or for a folder from its data files'."""
     lower = q.lower().rstrip("/")
+    for ext, kind in MANIFEST_KINDS.items():
+        if lower.endswith(ext) and not storage.is_dir(spark, q):
+            return kind
+    if not storage.is_dir(spark, q):
+        raise ConfigError(f"source.path {uri}: a manifest must be .csv, .jsonl/.json or .parquet (or a folder of them)")
+    names = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(q, endpoint, region)]
+    data = [n for n in names if not n.startswith((".", "_"))]
+    kinds = {MANIFEST_KINDS.get("." + n.rsplit(".", 1)[-1].lower()) if "." in n else None for n in data}
+    if len(kinds) != 1 or None in kinds:
+        raise ConfigError(f"source.path {uri}: a manifest folder must hold files of one kind (.csv, .jsonl/.json "
+                          f"or .parquet); found {sorted(set(n.rsplit('.', 1)[-1] for n in data))[:6] or 'none'}")
+    return kinds.pop()
+
+
+def read_manifest(spark: SparkSession, uri: str, endpoint: str | None = None, region: str | None = None) -> DataFrame:
+    """A CSV, JSON Lines or Parquet manifest (a file or a folder of them) with every known column
+    as text (+ _corrupt)."""
+    q = storage.qualify(uri)
     if not storage.exists(spark, q):
         raise ConfigError(f"source.path {uri} does not exist")
-    strings = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS])
-    if lower.endswith((".jsonl", ".json", ".ndjson")):
-        schema = strings.add("_corrupt", T.StringType())
-        df = (spark.read.schema(schema).option("mode", "PERMISSIVE")
-              .option("columnNameOfCorruptRecord", "_corrupt").json(q))
-    elif lower.endswith(".csv"):
-        df = (spark.read.option("header", "true").option("multiLine", "true").option("escape", '"')
-              .option("mode", "PERMISSIVE").csv(q))
-        df = df.withColumn("_corrupt", F.lit(None).cast("string"))
-    elif lower.endswith(".parquet") or storage.is_dir(spark, q):
-        df = spark.read.parquet(q).withColumn("_corrupt", F.lit(None).cast("string"))
-    else:
-        raise ConfigError(f"source.path {uri}: a manifest must be .csv, .jsonl/.json or .parquet")
-    missing = [c for c in ("post_id", "image") if c not in df.columns]
+    kind = _manifest_kind(spark, q, uri, endpoint, region)
+    try:
+        if kind == "json":
+            df = manifests.read_json_lines(spark, q)
+            columns = list(MANIFEST_COLUMNS)
+        elif kind == "csv":
+            files = [q] if not storage.is_dir(spark, q) else \
+                [u for u, _ in storage.list_files(q, endpoint, region) if not u.rsplit("/", 1)[-1].startswith((".", "_"))]
+            columns = manifests.header_columns(storage.read_head(files[0], 1 << 16, endpoint, region) or b"")
+            df = manifests.read_csv(spark, files, endpoint, region)
+        else:
+            df = spark.read.parquet(q)
+            columns = df.columns
+            df = df.select(*[(F.col(c) if c in columns else F.lit(None)).cast("string").alias(c)
+                             for c in MANIFEST_COLUMNS], F.lit(None).cast("string").alias("_corrupt"),
+                           F.lit(False).alias("_caption_not_utf8"), F.lit(False).alias("_blank"))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Spark's reader errors (a CSV named .parquet, ...) as one line
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"source.path {uri}: cannot be read as {kind} ({first})") from None
+    missing = [c for c in ("post_id", "image") if c not in columns]
     if missing:
         raise ConfigError(f"manifest {uri} lacks required column(s) {missing}")
-    return df.select(*[(F.col(c) if c in df.columns else F.lit(None)).cast("string").alias(c)
-                       for c in MANIFEST_COLUMNS], "_corrupt")
+    # blank lines carry no record
+    return df.where(~F.col("_blank")).drop("_blank")
 
 
 def _as_long(col: str):
-    return F.expr(f"try_cast(try_cast(trim({col}) as double) as bigint)")
+    """A whole number written as text ('12', '12.0', '1e3'); null for '12.7' or 'many' (flagged)."""
+    d = F.expr(f"try_cast(trim({col}) as double)")
+    return F.when(d == F.floor(d), d.cast("bigint"))
 
 
 def _as_timestamp(col: str):
@@ -163,8 +201,10 @@ def _as_timestamp(col: str):
 def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
     """(todo, rejects, input_keys, extra) for a manifest source."""
     uri = cfg.source.path
-    raw = read_manifest(spark, uri).withColumn("_row", F.monotonically_increasing_id())
-    return manifest_rows(spark, raw, storage.parent(uri), cfg)
+    raw = read_manifest(spark, uri, cfg.s3.endpoint, cfg.s3.region).withColumn("_row", F.monotonically_increasing_id())
+    # relative image paths resolve against the manifest's folder (the folder itself for a folder of parts)
+    base = storage.qualify(uri).rstrip("/") if storage.is_dir(spark, storage.qualify(uri)) else storage.parent(uri)
+    return manifest_rows(spark, raw, base, cfg)
 
 
 def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
@@ -186,44 +226,57 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
         F.trim("user_id").alias("user_id"), _as_long("likes").alias("likes"),
         _as_long("followers").alias("followers"), _as_timestamp("posted_at").alias("posted_at"),
         F.trim("image").alias("image"), "_row",
+        (F.col("_caption_not_utf8") if "_caption_not_utf8" in raw.columns else F.lit(False)).alias("_caption_not_utf8"),
         (F.col("likes").isNotNull() & _as_long("likes").isNull()).alias("_bad_likes"),
         (F.col("followers").isNotNull() & _as_long("followers").isNull()).alias("_bad_followers"),
         (F.col("posted_at").isNotNull() & _as_timestamp("posted_at").isNull()).alias("_bad_posted_at"),
     )
-    kept, dropped = _first_per_post(rows.withColumn("_order", F.format_string("%s\u0000%020d", "image", "_row")),
-                                    "_order")
     threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
-    kept = kept.drop("_order")
     is_url = F.lower(F.col("image")).rlike("^https?://")
-    sized_schema = T.StructType([f for f in kept.schema.fields if f.name != "image"] + [
-        T.StructField("image_uri", T.StringType()), T.StructField("image_size", T.LongType())])
+    sized_schema = T.StructType([f for f in rows.schema.fields if f.name != "image"] + [
+        T.StructField("image_uri", T.StringType()), T.StructField("image_size", T.LongType()),
+        T.StructField("_error", T.StringType())])
 
     def stat(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for b in batches:
             uris = [storage.resolve(base_dir, ref) for ref in b.column("image").to_pylist()]
-            found = storage.sizes(uris, threads, endpoint, region)
-            cols = [b.column(f.name) for f in sized_schema.fields[:-2]]
-            yield pa.RecordBatch.from_arrays(cols + [pa.array(uris, pa.string()), pa.array(found, pa.int64())],
+            found = storage.stat_many(uris, threads, endpoint, region)
+            cols = [b.column(f.name) for f in sized_schema.fields[:-3]]
+            yield pa.RecordBatch.from_arrays(cols + [pa.array(uris, pa.string()),
+                                                     pa.array([f[0] for f in found], pa.int64()),
+                                                     pa.array([f[1] for f in found], pa.string())],
                                              names=sized_schema.fieldNames())
 
-    sized = kept.where(~is_url).mapInArrow(stat, sized_schema) \
-        .withColumn("read_uri", F.lit(None).cast("string")).persist()
+    local = rows.where(~is_url).mapInArrow(stat, sized_schema).select(
+        *[c for c in rows.columns if c != "image"], "image_uri", "image_size", F.lit(None).cast("string").alias("read_uri"),
+        F.when(F.col("_error").isNotNull(), F.lit(Reason.BAD_MANIFEST_ROW.value))
+         .when(F.col("image_size").isNull(), F.lit(Reason.IMAGE_MISSING.value))
+         .when(F.col("image_size") == 0, F.lit(Reason.EMPTY_IMAGE.value)).alias("_reason"),
+        F.when(F.col("_error").isNotNull(), F.concat(F.lit("unusable image path: "), F.col("_error")))
+         .when(F.col("image_size").isNull(), F.concat(F.lit("no file at "), F.col("image_uri")))
+         .when(F.col("image_size") == 0, F.col("image_uri")).alias("_detail"))
+    resolved, extra = local, {}
+    if raw.where(F.lower(F.trim("image")).rlike("^https?://")).limit(1).count():
+        fetched, extra["http"] = fetch_urls(spark, rows.where(is_url), cfg)
+        # user:password@ in a URL is never sent (sparkml.fetch) and never stored
+        redacted = F.regexp_replace("image", r"^([A-Za-z]+://)[^/?#@]*@", "$1")
+        resolved = resolved.unionByName(fetched.select(*[c for c in rows.columns if c != "image"],
+                                                       redacted.alias("image_uri"), "image_size", "read_uri",
+                                                       "_reason", "_detail"))
+    # One row per post_id: the first row of the input whose image is usable, else the first row
+    # (rejected for its image); the others are duplicate posts.
+    w = Window.partitionBy("post_id").orderBy(F.col("_reason").isNotNull(), "_row")
+    ranked = resolved.withColumn("_rn", F.row_number().over(w)).withColumn("_kept", F.first("image_uri").over(w)) \
+        .persist(StorageLevel.DISK_ONLY)
+    first = ranked.where("_rn = 1")
     rejects = [
         _rejects(bad, Reason.BAD_MANIFEST_ROW, F.col("_problem")),
-        _rejects(dropped, Reason.DUPLICATE_POST, F.lit("post_id repeated in the manifest")),
-        _rejects(sized.where(F.col("image_size").isNull()), Reason.IMAGE_MISSING,
-                 F.concat(F.lit("no file at "), F.col("image_uri"))),
-        _rejects(sized.where(F.col("image_size") == 0), Reason.EMPTY_IMAGE, F.col("image_uri")),
+        _rejects(ranked.where("_rn > 1"), Reason.DUPLICATE_POST,
+                 F.concat(F.lit("post_id repeated in the manifest; kept the row with "), F.col("_kept"))),
+        first.where(F.col("_reason").isNotNull()).select("post_id", F.col("_reason").alias("reason"),
+                                                          F.col("_detail").alias("detail")),
     ]
-    good = sized.where(F.col("image_size") > 0)
-    extra = {}
-    if raw.where(F.lower(F.trim("image")).rlike("^https?://")).limit(1).count():
-        fetched, extra["http"] = fetch_urls(spark, kept.where(is_url), cfg)
-        rejects.append(fetched.where(F.col("_reason").isNotNull())
-                       .select("post_id", F.col("_reason").alias("reason"), F.col("_detail").alias("detail")))
-        good = good.unionByName(fetched.where(F.col("_reason").isNull())
-                                .select(*[c for c in kept.columns if c != "image"], F.col("image").alias("image_uri"),
-                                        "image_size", "read_uri"))
+    good = first.where(F.col("_reason").isNull()).drop("_rn", "_kept", "_reason", "_detail")
     agg = good.agg(*[F.sum(F.col(f"_{k}").cast("int")).alias(k)
                      for k in ("bad_likes", "bad_followers", "bad_posted_at")]).first()
     extra["flags"] = {k: int(agg[k] or 0) for k in ("bad_likes", "bad_followers", "bad_posted_at")}
@@ -410,8 +463,10 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
             texts = b.column("caption").to_pylist()
             if any(cap_uris):
                 caps = [decode_caption(r) for r in storage.read_many(cap_uris, threads, endpoint, region)]
-            else:
-                caps = [(t, caption_status(t)) for t in texts]
+            else:  # manifest text, its invalid UTF-8 already replaced (and flagged) by the reader
+                bad = b.column("_caption_not_utf8").to_pylist()
+                caps = [(t, CaptionStatus.NOT_UTF8.value if x and caption_status(t) == CaptionStatus.OK.value
+                         else caption_status(t)) for t, x in zip(texts, bad)]
             yield pa.RecordBatch.from_arrays([
                 b.column("post_id"), b.column("city"), b.column("split"),
                 pa.array([c[0] for c in caps], pa.string()), pa.array([c[1] for c in caps], pa.string()),
@@ -423,7 +478,9 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
             "posted_at", "image_uri"]
     # fetched URLs are read from the lake's cache; image_uri keeps the URL
     read_from = F.coalesce("read_uri", "image_uri") if "read_uri" in todo.columns else F.col("image_uri")
-    return todo.select(*cols, read_from.alias("_read")).repartition(parts, "post_id").mapInArrow(read, POSTS)
+    not_utf8 = F.col("_caption_not_utf8") if "_caption_not_utf8" in todo.columns else F.lit(False)
+    return todo.select(*cols, read_from.alias("_read"), not_utf8.alias("_caption_not_utf8")) \
+        .repartition(parts, "post_id").mapInArrow(read, POSTS)
 
 
 # ---------------------------------------------------------------- the stage

@@ -54,6 +54,58 @@ def parent(uri: str) -> str:
     return q.rsplit("/", 1)[0]
 
 
+def check_writable(uri: str) -> None:
+    """A local lake (folder) must be creatable and writable: ConfigError naming it otherwise.
+    Object stores are checked by their first write (permissions there are per prefix)."""
+    from sparkml.config import ConfigError
+
+    q = qualify(uri)
+    if not q.startswith("file://"):
+        return
+    path = q[len("file://"):]
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-probe.{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"lake {uri} is not writable: {e.strerror or e}") from None
+
+
+def check_reachable(uris: list[str], endpoint: str | None, region: str | None, timeout: float = 10.0) -> None:
+    """Each S3 bucket named in uris answers within `timeout` seconds (four attempts): an endpoint
+    that cannot be reached is one ConfigError line now, not minutes of the S3 clients' retries
+    and a Java trace. A bucket that does not exist is one too; a refused HEAD (permissions that
+    allow objects but not the bucket) is left to the job."""
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+
+    from sparkml.config import ConfigError
+
+    buckets = sorted({u.split("://", 1)[1].split("/", 1)[0] for u in uris
+                      if "://" in u and u.split("://", 1)[0] in S3_SCHEMES})
+    if not buckets:
+        return
+    client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None,
+                          config=botocore.config.Config(connect_timeout=timeout, read_timeout=timeout,
+                                                        retries={"max_attempts": 4, "mode": "standard"}))
+    for bucket in buckets:
+        try:
+            client.head_bucket(Bucket=bucket)
+        except botocore.exceptions.NoCredentialsError:
+            raise ConfigError("no AWS credentials: set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an "
+                              "instance role") from None
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
+            raise ConfigError(f"S3 endpoint {endpoint or 'of AWS'} cannot be reached for bucket {bucket} "
+                              f"({type(e).__name__}, 4 attempts); check s3.endpoint and the network") from None
+        except botocore.exceptions.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise ConfigError(f"S3 bucket {bucket} does not exist at {endpoint or 'AWS'}") from None
+
+
 # ---------------------------------------------------------------- driver side (Hadoop FS)
 
 
@@ -162,6 +214,16 @@ def read_uri(uri: str, endpoint: str | None = None, region: str | None = None) -
         raise
 
 
+def read_head(uri: str, n: int, endpoint: str | None = None, region: str | None = None) -> bytes | None:
+    """The first n bytes of an object (a CSV header), or None when it does not exist."""
+    scheme, path = arrow_path(uri)
+    try:
+        with arrow_filesystem(scheme, endpoint, region).open_input_stream(path) as f:
+            return f.read(n)
+    except FileNotFoundError:
+        return None
+
+
 def write_uri(uri: str, data: bytes, endpoint: str | None = None, region: str | None = None,
               durable: bool = True) -> None:
     """Write data to uri so that no reader ever sees part of it: a local file is written beside
@@ -207,11 +269,21 @@ def read_many(uris: list[str | None], threads: int, endpoint: str | None = None,
 
 def sizes(uris: list[str], threads: int, endpoint: str | None = None,
           region: str | None = None) -> list[int | None]:
-    """Object sizes in bytes (None where missing), without reading contents."""
+    """Object sizes in bytes (None where missing or unusable), without reading contents."""
+    return [size for size, _ in stat_many(uris, threads, endpoint, region)]
+
+
+def stat_many(uris: list[str], threads: int, endpoint: str | None = None,
+              region: str | None = None) -> list[tuple[int | None, str | None]]:
+    """(size or None where missing, None) per URI, or (None, why) where the name itself cannot be
+    used (a NUL byte, a name longer than the file system allows, a scheme we do not read)."""
     def one(u):
-        scheme, path = arrow_path(u)
-        info = arrow_filesystem(scheme, endpoint, region).get_file_info(path)
-        return info.size if info.type == pafs.FileType.File else None
+        try:
+            scheme, path = arrow_path(u)
+            info = arrow_filesystem(scheme, endpoint, region).get_file_info(path)
+        except (OSError, ValueError, TypeError) as e:
+            return None, f"{type(e).__name__}: {e}"[:300]
+        return (info.size if info.type == pafs.FileType.File else None), None
 
     return _pmap(one, uris, threads)
 

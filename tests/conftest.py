@@ -57,7 +57,7 @@ def spark(moto_endpoint, tmp_path_factory):
     assert not missing, f"s3a jars missing: {missing}; run `make jars`"
     cfg = load_config(ROOT / "conf" / "local.yaml", [
         f"lake={tmp_path_factory.mktemp('lake')}",
-        "spark.master=local[2]", "spark.driver.memory=3g", "spark.sql.shuffle.partitions=4",
+        "spark.master=local[2, 4]", "spark.driver.memory=3g", "spark.sql.shuffle.partitions=4",
         f"spark.jars={','.join(str(j) for j in jars)}",
         f"s3.endpoint={moto_endpoint}", "s3.path_style_access=true",
     ])

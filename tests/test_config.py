@@ -14,7 +14,7 @@ def test_profiles_load_and_validate():
         cfg = load_config(ROOT / "conf" / f"{name}.yaml")
         assert cfg.lake and cfg.source.path and cfg.source.layout in ("instacities", "manifest")
     local = load_config(LOCAL)
-    assert local.spark_conf()["spark.master"] == "local[*]"
+    assert local.spark_conf()["spark.master"] == "local[*, 4]"
     assert local.spark_conf()["spark.ui.enabled"] == "false"
 
 

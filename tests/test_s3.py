@@ -46,3 +46,15 @@ def test_ingest_from_s3a_into_an_s3_lake(spark, sample, bucket, s3_sets, layout,
     assert bytes(row.image_bytes) == bucket.get_object(Bucket="posts", Key=key)["Body"].read()
     rejected = spark.read.parquet(f"{lake}/tables/rejected/stage=ingest")
     assert rejected.count() == sum(summary["rejected"].values())
+
+
+def test_an_unreachable_endpoint_fails_fast_with_one_line(spark, capsys):
+    import time
+
+    t0 = time.perf_counter()
+    capsys.readouterr()
+    assert run_job("ingest", "--set", "lake=s3a://nowhere/lake", "--set", "source.path=s3a://nowhere/m.jsonl",
+                   "--set", "source.layout=manifest", "--set", "s3.endpoint=http://127.0.0.1:1") == 2
+    assert time.perf_counter() - t0 < 60
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot be reached" in err[0] and "127.0.0.1:1" in err[0], err

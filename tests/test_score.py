@@ -149,3 +149,17 @@ def test_the_report_renders_in_a_real_browser(spark, trained, photos, tmp_path):
     with Image.open(reports / "screenshot.png") as shot:
         assert shot.size[0] == 1300 and shot.size[1] > 3000
     print(f"report screenshot: {reports / 'screenshot.png'}")
+
+
+def test_a_damaged_model_file_exits_2_with_one_line(spark, trained, photos, tmp_path, capsys):
+    lake = tmp_path / "lake"
+    shutil.copytree(Path(trained.model("city").removeprefix("file://")), lake / "models" / "city")
+    pt = lake / "models" / "city" / "model.pt"
+    pt.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])  # a copy cut short
+    folder = tmp_path / "new"
+    folder.mkdir()
+    shutil.copyfile(photos[0], folder / "a.jpg")
+    capsys.readouterr()
+    assert run_job("score", "--set", f"lake={lake}", "--set", f"score.input={folder}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models/city" in err[0] and "not a torch checkpoint" in err[0], err
