@@ -135,21 +135,22 @@ def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, Dat
 MANIFEST_KINDS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".parquet": "parquet"}
 
 
-def _manifest_kind(spark: SparkSession, q: str, uri: str, endpoint: str | None, region: str | None) -> str:
-    """csv, json or parquet: from the file's extension, or for a folder from its data files'."""
-    lower = q.lower().rstrip("/")
-    for ext, kind in MANIFEST_KINDS.items():
-        if lower.endswith(ext) and not storage.is_dir(spark, q):
-            return kind
+def _manifest_kind(spark: SparkSession, q: str, uri: str, endpoint: str | None,
+                   region: str | None) -> tuple[str, list[str]]:
+    """(csv, json or parquet; the data files): from the file's extension, or for a folder from
+    its data files' (listed once)."""
     if not storage.is_dir(spark, q):
+        for ext, kind in MANIFEST_KINDS.items():
+            if q.lower().endswith(ext):
+                return kind, [q]
         raise ConfigError(f"source.path {uri}: a manifest must be .csv, .jsonl/.json or .parquet (or a folder of them)")
-    names = [u.rsplit("/", 1)[-1] for u, _ in storage.list_files(q, endpoint, region)]
-    data = [n for n in names if not n.startswith((".", "_"))]
-    kinds = {MANIFEST_KINDS.get("." + n.rsplit(".", 1)[-1].lower()) if "." in n else None for n in data}
+    files = [u for u, _ in storage.list_files(q, endpoint, region) if not u.rsplit("/", 1)[-1].startswith((".", "_"))]
+    names = [u.rsplit("/", 1)[-1] for u in files]
+    kinds = {MANIFEST_KINDS.get("." + n.rsplit(".", 1)[-1].lower()) if "." in n else None for n in names}
     if len(kinds) != 1 or None in kinds:
         raise ConfigError(f"source.path {uri}: a manifest folder must hold files of one kind (.csv, .jsonl/.json "
-                          f"or .parquet); found {sorted(set(n.rsplit('.', 1)[-1] for n in data))[:6] or 'none'}")
-    return kinds.pop()
+                          f"or .parquet); found {sorted(set(n.rsplit('.', 1)[-1] for n in names))[:6] or 'none'}")
+    return kinds.pop(), files
 
 
 def read_manifest(spark: SparkSession, uri: str, endpoint: str | None = None, region: str | None = None) -> DataFrame:
@@ -158,14 +159,12 @@ def read_manifest(spark: SparkSession, uri: str, endpoint: str | None = None, re
     q = storage.qualify(uri)
     if not storage.exists(spark, q):
         raise ConfigError(f"source.path {uri} does not exist")
-    kind = _manifest_kind(spark, q, uri, endpoint, region)
+    kind, files = _manifest_kind(spark, q, uri, endpoint, region)
     try:
         if kind == "json":
             df = manifests.read_json_lines(spark, q)
             columns = list(MANIFEST_COLUMNS)
         elif kind == "csv":
-            files = [q] if not storage.is_dir(spark, q) else \
-                [u for u, _ in storage.list_files(q, endpoint, region) if not u.rsplit("/", 1)[-1].startswith((".", "_"))]
             columns = manifests.header_columns(storage.read_head(files[0], 1 << 16, endpoint, region) or b"")
             df = manifests.read_csv(spark, files, endpoint, region)
         else:
