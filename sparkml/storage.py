@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 S3_SCHEMES = ("s3", "s3a", "s3n")
+S3_ATTEMPTS = 6  # tries per executor-side S3 request (pyarrow.fs) before it fails its task
 
 
 def qualify(uri: str) -> str:
@@ -185,7 +186,9 @@ def arrow_filesystem(scheme: str, endpoint: str | None = None, region: str | Non
             kwargs.update(endpoint_override=parts.netloc, scheme=parts.scheme)
         if region:
             kwargs["region"] = region
-        return pafs.S3FileSystem(**kwargs)
+        # S3 answers 503 SlowDown under load: more attempts (with the SDK's backoff) than the
+        # default 3 before a read fails its task
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
     if scheme == "gs":
         return pafs.GcsFileSystem()
     raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file://, s3://, s3a:// or gs://")
@@ -278,10 +281,17 @@ def stat_many(uris: list[str], threads: int, endpoint: str | None = None,
     """(size or None where missing, None) per URI, or (None, why) where the name itself cannot be
     used (a NUL byte, a name longer than the file system allows, a scheme we do not read)."""
     def one(u):
+        scheme = "file"
         try:
             scheme, path = arrow_path(u)
             info = arrow_filesystem(scheme, endpoint, region).get_file_info(path)
-        except (OSError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
+            return None, f"{type(e).__name__}: {e}"[:300]
+        except OSError as e:
+            if scheme != "file":
+                # an object store that still fails after its client's retries (503 SlowDown, 500,
+                # resets): the task fails and Spark retries it; never a reject for a good record
+                raise
             return None, f"{type(e).__name__}: {e}"[:300]
         return (info.size if info.type == pafs.FileType.File else None), None
 

@@ -31,8 +31,8 @@ def test_haar_baseline_finds_it_too_with_a_confidence():
     assert 180 < x + w / 2 < 260 and 70 < y + h / 2 < 160 and score > 0.9  # logistic of a positive level weight
 
 
-@pytest.mark.skipif(not REAL.exists(), reason="../shared/data/realsample is not beside the repository")
 def test_cnn_on_real_photos_with_and_without_faces():
+    assert REAL.exists(), f"{REAL} is missing: the tests need ../shared beside the repository"
     det = make_detector("cnn", max_side=200)
 
     def best(img):
