@@ -27,7 +27,7 @@ WHEELS        := .cache/wheels
 HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-cp311-cp311-linux_x86_64.whl
 HOROVOD_STAMP := $(VENV)/.horovod
 
-.PHONY: setup demo test fuzz jars horovod browser clean
+.PHONY: setup demo test fuzz bundle jars horovod browser clean
 
 # Reinstalls only when pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -66,36 +66,16 @@ FUZZ_CASES ?= 100000
 fuzz: setup
 	$(BIN)/python -m tests.fuzz --cases $(FUZZ_CASES)
 
+# What a cluster needs (deploy/bundle.py): a venv-pack archive of the pinned environment, the wheel and
+# bundle.json under .cache/bundle/; FLAVOR=gpu (registry CUDA wheels), cpu (PyTorch's CPU index) or data
+# (no torch). BUNDLE_ARGS="--python python3.11 --python-prefix /usr --upload s3://bucket/prefix" for EMR.
+FLAVOR ?= gpu
+bundle: setup
+	$(BIN)/python -m deploy.bundle --flavor $(FLAVOR) $(BUNDLE_ARGS)
+
 demo: setup
-	$(BIN)/python jobs/make_sample.py --config $(CONFIG)
-	$(SUBMIT) jobs/ingest.py --config $(CONFIG)
-	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG)
-	$(SUBMIT) jobs/dedup.py --config $(CONFIG)
-	$(SUBMIT) jobs/train_lda.py --config $(CONFIG)
-	$(SUBMIT) jobs/infer_topics.py --config $(CONFIG)
-	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG)
-	$(SUBMIT) jobs/filter_followers.py --config $(CONFIG)
-	$(SUBMIT) jobs/detect_faces.py --config $(CONFIG)
-	@# The sample's '#me' selfies carry real faces; its quote images and city scenes do not pass the face filter.
-	$(SUBMIT) jobs/build_dataset.py --config $(CONFIG) --set dataset.labels=likability
-	@echo "AlexNet fc6/fc7 features with random weights (features.weights=none): this shows the pipeline, not ImageNet quality."
-	$(SUBMIT) jobs/extract_features.py --config $(CONFIG)
-	@echo "Likability SVMs on those features; the planted like-ratio signal puts AP above the test split's positive rate."
-	$(SUBMIT) jobs/train_svm.py --config $(CONFIG)
-	@# Caption topic vectors as the image embedding until the GoogLeNet regressor exists (an upper bound).
-	$(SUBMIT) jobs/evaluate_retrieval.py --config $(CONFIG)
-	$(SUBMIT) jobs/retrieve.py --config $(CONFIG) --query "skyline night" --k 20
-	@echo "City AlexNet from random weights, 2 processes under TorchDistributor (--preset city-scratch: all layers"
-	@echo "trained with Adam; the original's recipe, conv1-2 frozen + SGD, needs ImageNet weights). Chance is 10%."
-	$(SUBMIT) jobs/train_cnn.py --config $(CONFIG) --task city --preset city-scratch
-	@echo "Score a folder of new images (one of them truncated) with the models this run trained (city CNN, SVM)."
-	$(SUBMIT) jobs/score.py --config $(CONFIG) --set score.input=./data/sample/new_images
-	@echo "A personal archive: an Instagram export (JSON) ingested into its own lake, explored with VGG19 fc7 (random weights)."
-	$(SUBMIT) jobs/ingest.py --config $(CONFIG) --set lake=./data/archive --set source.layout=instagram \
-		--set source.path=./data/sample/instagram_export
-	$(SUBMIT) jobs/prepare_images.py --config $(CONFIG) --set lake=./data/archive
-	$(SUBMIT) jobs/explore.py --config $(CONFIG) --set explore.images=./data/archive/tables/images
-	$(SUBMIT) jobs/report.py --config $(CONFIG)
+	@# The stage list is sparkml/pipeline.py, shared with the EMR and Dataproc launchers (deploy/).
+	SUBMIT="$(SUBMIT)" $(BIN)/python -m sparkml.pipeline demo --config $(CONFIG)
 	@echo
 	@echo "Demo done. Results are under ./data/lake: tables/ (posts, images, duplicates, bow, topics, likability_labels,"
 	@echo "faces, features, retrieval, scores, clusters, rejected), models/ (lda, likability_svm, city, kmeans), datasets/"

@@ -1,0 +1,164 @@
+"""What the EMR launcher and the Dataproc submitter share: the cluster settings file, the
+refusal of credentials in any file or option they read, the files a run uploads, and each
+stage's spark-submit settings (from the one stage list, sparkml.pipeline).
+
+Credentials come only from the environment, instance profiles or workload identity: nothing
+here reads, prints or uploads a key.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparkml.pipeline import CLUSTER, CPU, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
+
+ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
+PYTHON = f"./{ENV}/bin/python"
+
+
+class DeployError(Exception):
+    """A bad option, settings file or secret: the launcher prints one line and exits 2."""
+
+
+# ------------------------------------------------------------------------------------ secrets
+
+_SECRET_KEY = re.compile(r"(secret|password|passwd|access[_-]?key|session[_-]?token|private[_-]?key|credential|"
+                         r"api[_-]?key|token)", re.I)
+_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s*:")
+
+
+def refuse_secrets(tree, where: str, path: str = "") -> None:
+    """DeployError when a settings tree holds what looks like a credential: a key named like one
+    with a value, or a value shaped like an AWS access key id or a private key. The message names
+    the place, never the value."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            here = f"{path}.{k}" if path else str(k)
+            if _SECRET_KEY.search(str(k)) and v not in (None, "", [], {}):
+                raise DeployError(f"{where}: {here} looks like a credential; credentials come from the environment, "
+                                  f"an instance profile or workload identity, never from a file or option")
+            refuse_secrets(v, where, here)
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            refuse_secrets(v, where, f"{path}[{i}]")
+    elif isinstance(tree, str) and _SECRET_VALUE.search(tree):
+        raise DeployError(f"{where}: {path or 'a value'} holds what looks like a key; credentials come from the "
+                          f"environment, an instance profile or workload identity")
+
+
+def load_settings(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A YAML settings file (safe_load) with key=value overrides (dotted keys), secrets refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise DeployError(f"{path}: no such settings file")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise DeployError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise DeployError(f"{path}: expected a mapping of settings")
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if not sep or not key:
+            raise DeployError(f"--set {text!r}: expected key=value")
+        node = tree
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DeployError(f"--set {key}: {part} is not a section")
+        node[last] = yaml.safe_load(value) if value else ""
+    refuse_secrets(tree, str(path))
+    return tree
+
+
+def check_profile(path: str | Path) -> dict:
+    """The job profile (conf/emr.yaml, conf/dataproc.yaml): valid YAML, no credentials, a lake."""
+    tree = load_settings(path)
+    if not str(tree.get("lake", "")).strip():
+        raise DeployError(f"{path}: lake is not set")
+    if "YOUR-BUCKET" in yaml.safe_dump(tree):
+        raise DeployError(f"{path}: replace YOUR-BUCKET with your bucket (or pass --bucket to rewrite it)")
+    return tree
+
+
+# ------------------------------------------------------------------------------------ uploads
+
+@dataclass(frozen=True)
+class Upload:
+    local: Path
+    remote: str   # s3://... or gs://...
+
+
+def uploads(base: str, bundle: Path, profile: Path, pipeline: list[Stage], extra: list[Path] = ()) -> list[Upload]:
+    """What a run needs in the bucket under `base`: the packed environment, the jobs, the profile
+    and the files stages read by path (training presets)."""
+    items = [Upload(bundle, f"{base}/{bundle.name}"), Upload(profile, f"{base}/conf/{profile.name}")]
+    for s in pipeline:
+        items.append(Upload(ROOT / s.path, f"{base}/{s.path}"))
+        items += [Upload(ROOT / f, f"{base}/{f}") for f in s.files]
+    items += [Upload(p, f"{base}/deploy/{p.name}") for p in extra]
+    seen, out = set(), []
+    for u in items:
+        if u.remote not in seen:
+            seen.add(u.remote)
+            out.append(u)
+    return out
+
+
+# ------------------------------------------------------------------------------------ per-stage Spark settings
+
+def stage_conf(stage: Stage, gpu: dict | None, executors: int) -> dict[str, str]:
+    """spark-submit --conf settings of one stage on a YARN cluster (EMR, Dataproc).
+
+    gpu: None on CPU clusters, else {"per_node": GPUs per GPU node, "nodes": GPU nodes,
+    "tasks_per_gpu": inference tasks sharing one GPU, "discovery": the discovery script}."""
+    # the driver (cluster deploy mode: in a YARN container) and the executors run the archive's Python
+    conf = {"spark.pyspark.python": PYTHON,
+            # retried tasks (a lost node, a killed worker) instead of a failed stage
+            "spark.task.maxFailures": "4"}
+    if stage.needs == TRAIN:
+        # TorchDistributor's barrier stage: Spark refuses it under dynamic allocation
+        conf["spark.dynamicAllocation.enabled"] = "false"
+        conf["spark.executor.instances"] = str(gpu["nodes"] * gpu["per_node"] if gpu else executors)
+    if gpu and stage.needs in (TRAIN, GPU_INFER):
+        conf["spark.executor.resource.gpu.amount"] = "1"
+        conf["spark.executor.resource.gpu.discoveryScript"] = gpu["discovery"]
+        # training takes a whole GPU per process (TorchDistributor reads an integer); inference shares one
+        conf["spark.task.resource.gpu.amount"] = "1" if stage.needs == TRAIN else f"{1 / gpu['tasks_per_gpu']:g}"
+    return conf
+
+
+def stage_args(stage: Stage, profile_name: str, gpu: dict | None, executors: int) -> list[str]:
+    """The job's own options on a cluster: the profile (shipped with --files into the working
+    directory), presets by their file name (shipped the same way), training's cluster mode."""
+    args = ["--config", profile_name]
+    args += [Path(a).name if a in stage.files else a for a in stage.args]
+    if stage.needs == TRAIN:
+        processes = gpu["nodes"] * gpu["per_node"] if gpu else executors
+        args += ["--set", "train.mode=cluster", "--set", f"train.processes={processes}"]
+    return args
+
+
+def cluster_stages(only: list[str] | None) -> list[Stage]:
+    try:
+        return stages(CLUSTER, only)
+    except ValueError as e:
+        raise DeployError(str(e)) from None
+
+
+def needs_gpu(pipeline: list[Stage]) -> bool:
+    return any(s.needs != CPU for s in pipeline)
+
+
+def redact(text: str) -> str:
+    """Anything key-shaped in a line we print (an error from a cloud API) is masked."""
+    return _SECRET_VALUE.sub("[redacted]", text)

@@ -1,0 +1,21 @@
+#!/bin/bash
+# EMR bootstrap action (every node, before Spark starts): the OS packages the jobs need.
+# - python3.11: the packed environment's bin/python links to /usr/bin/python3.11 (EMR 7.x's
+#   system Python is 3.9; torch 2.14 needs >= 3.10).
+# - GPU nodes: torch 2.14's CUDA 13 wheels need NVIDIA driver >= 580; older drivers are replaced
+#   from NVIDIA's Amazon Linux 2023 repository. YARN's GPU plugin also needs the cgroup devices
+#   hierarchy writable.
+set -euo pipefail
+sudo dnf install -y -q python3.11
+/usr/bin/python3.11 --version
+
+if lspci 2>/dev/null | grep -qi nvidia; then
+  have=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -1 | cut -d. -f1 || echo 0)
+  if [ "${have:-0}" -lt 580 ]; then
+    sudo dnf config-manager --add-repo \
+      https://developer.download.nvidia.com/compute/cuda/repos/amzn2023/x86_64/cuda-amzn2023.repo
+    sudo dnf module install -y -q nvidia-driver:580-open
+  fi
+  nvidia-smi --query-gpu=name,driver_version --format=csv
+  sudo chmod a+rwx -R /sys/fs/cgroup/devices 2>/dev/null || true
+fi
