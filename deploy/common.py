@@ -8,6 +8,7 @@ here reads, prints or uploads a key.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sparkml.config import ConfigError, read_yaml  # noqa: E402
 from sparkml.pipeline import CLUSTER, CPU, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
 
 ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
@@ -56,15 +58,10 @@ def refuse_secrets(tree, where: str, path: str = "") -> None:
 
 def load_settings(path: str | Path, overrides: list[str] = ()) -> dict:
     """A YAML settings file (safe_load) with key=value overrides (dotted keys), secrets refused."""
-    p = Path(path)
-    if not p.is_file():
-        raise DeployError(f"{path}: no such settings file")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise DeployError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(tree, dict):
-        raise DeployError(f"{path}: expected a mapping of settings")
+        tree = read_yaml(path)
+    except ConfigError as e:
+        raise DeployError(str(e)) from None
     for text in overrides:
         key, sep, value = text.partition("=")
         if not sep or not key:
@@ -90,7 +87,48 @@ def check_profile(path: str | Path) -> dict:
     return tree
 
 
-# ------------------------------------------------------------------------------------ uploads
+# ------------------------------------------------------------------------------------ bundle, profile, uploads
+
+BUNDLES = ROOT / ".cache" / "bundle"
+
+
+def version() -> str:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+
+
+def find_bundle(flavor: str, python: str, given: str | None) -> Path:
+    """The packed environment to upload: --bundle, else `make bundle`'s output of the flavor."""
+    if given:
+        return Path(given)
+    name = f"instalearn-{version()}-{flavor}-py{python.replace('.', '')}.tar.gz"
+    return BUNDLES / name
+
+
+def check_bundle(bundle: Path, python: str, dry_run: bool) -> None:
+    if not bundle.is_file():
+        if dry_run:
+            return
+        raise DeployError(f"{bundle}: no such archive; build it with `make bundle` (or pass --bundle)")
+    info = Path(f"{bundle}.json")
+    if info.is_file():
+        built = json.loads(info.read_text())["python"]
+        if built != python:
+            raise DeployError(f"{bundle.name} was built with Python {built}, the cluster runs {python}: rebuild it with "
+                              f"`python -m deploy.bundle --python python{python}`")
+
+
+def render_profile(profile: Path, bucket: str, out: Path) -> Path:
+    """The jobs' profile with YOUR-BUCKET replaced by the bucket, written for upload."""
+    text = profile.read_text().replace("YOUR-BUCKET", bucket)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / profile.name
+    target.write_text(text)
+    check_profile(target)
+    return target
+
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -146,6 +184,17 @@ def stage_args(stage: Stage, profile_name: str, gpu: dict | None, executors: int
         processes = gpu["nodes"] * gpu["per_node"] if gpu else executors
         args += ["--set", "train.mode=cluster", "--set", f"train.processes={processes}"]
     return args
+
+
+def add_arguments(ap, settings: Path, profile: Path, store: str) -> None:
+    """The options both launchers take."""
+    ap.add_argument("--settings", default=str(settings), help="cluster settings (YAML)")
+    ap.add_argument("--config", default=str(profile), help="the jobs' profile")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster setting")
+    ap.add_argument("--bucket", help=f"{store} bucket for the lake, uploads and logs (cluster.yaml's bucket)")
+    ap.add_argument("--stages", help="comma-separated stage names (default: the whole cluster pipeline)")
+    ap.add_argument("--bundle", help="the packed environment (default: make bundle's output for cluster.yaml's flavor)")
+    ap.add_argument("--serverless", action="store_true", help=f"{store} serverless runs instead of a cluster")
 
 
 def cluster_stages(only: list[str] | None) -> list[Stage]:

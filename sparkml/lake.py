@@ -16,6 +16,7 @@ import logging
 import os
 import posixpath
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -164,13 +165,28 @@ class Busy(IncompleteInput):
 
 
 _locks: dict[str, int] = {}  # lock path -> descriptor, the output locks this process holds (cli.run releases them)
+_leases: dict[str, "_Lease"] = {}  # s3 lock URI -> its lease, the same for S3 lakes
+LEASE_SECONDS = 60.0  # an S3 lock is renewed every LEASE/2; one not renewed for 3 leases is a dead run's
 
 
-def _lock(output: str) -> None:
-    """One writer per output of a local lake: an flock on <parent>/.<name>.lock, held until the
-    stage ends (released with the process, whatever kills it). Object stores offer no such lock:
-    there, two runs on one lake must be kept apart by whoever starts them (docs/architecture.md)."""
+def _holder() -> str:
+    return f"pid {os.getpid()} on {socket.gethostname()}"
+
+
+def _lock(spark: SparkSession, output: str) -> None:
+    """One writer per output: an flock on <parent>/.<name>.lock for a local lake (released with
+    the process, whatever kills it); on S3 a lock object created only if absent (a conditional
+    write), renewed while the stage runs and taken over once a dead run stopped renewing it.
+    GCS and stores without conditional writes get no lock (docs/architecture.md)."""
     q = storage.qualify(output)
+    scheme = q.split("://", 1)[0]
+    if scheme in storage.S3_SCHEMES:
+        hadoop = spark.sparkContext._jsc.hadoopConfiguration()
+        parent, name = q.rstrip("/").rsplit("/", 1)
+        uri = f"{parent}/.{name}.lock"
+        if uri not in _leases:
+            _leases[uri] = _Lease.take(output, uri, hadoop.get("fs.s3a.endpoint"), hadoop.get("fs.s3a.endpoint.region"))
+        return
     if not q.startswith("file://"):
         return
     parent, name = q[len("file://"):].rstrip("/").rsplit("/", 1)
@@ -187,19 +203,87 @@ def _lock(output: str) -> None:
         raise Busy(f"{output} is being written by another run right now ({holder}): wait for it to end, or stop "
                    "it, then run this again") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    os.pwrite(fd, _holder().encode(), 0)
     _locks[path] = fd
+
+
+class _Lease:
+    """An S3 lock object {holder, renewed} held by this process: created with If-None-Match: *,
+    renewed (If-Match its ETag) by a thread, deleted on release."""
+
+    def __init__(self, client, bucket: str, key: str, etag: str):
+        self.client, self.bucket, self.key, self.etag = client, bucket, key, etag
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._renew, daemon=True, name="lake-lease")
+        self.thread.start()
+
+    @staticmethod
+    def _body() -> bytes:
+        return json.dumps({"holder": _holder(), "renewed": time.time()}).encode()
+
+    @classmethod
+    def take(cls, output: str, uri: str, endpoint: str | None, region: str | None) -> "_Lease | None":
+        import boto3
+        from botocore.exceptions import ClientError
+
+        bucket, _, key = uri.split("://", 1)[1].partition("/")
+        client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
+        try:
+            etag = client.put_object(Bucket=bucket, Key=key, Body=cls._body(), IfNoneMatch="*")["ETag"]
+        except ClientError as e:
+            code = e.response.get("Error", {}).get("Code", "")
+            if code in ("NotImplemented", "InvalidArgument"):
+                log.warning("%s: this S3 store has no conditional writes, so two runs at once are not kept apart", uri)
+                return None
+            if code not in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise
+            held = client.get_object(Bucket=bucket, Key=key)
+            try:
+                info = json.loads(held["Body"].read())
+            except ValueError:
+                info = {}
+            age = time.time() - float(info.get("renewed", 0))
+            if age < 3 * LEASE_SECONDS:
+                raise Busy(f"{output} is being written by another run right now ({info.get('holder', 'unknown')}, "
+                           f"renewed {age:.0f}s ago): wait for it to end, or stop it, then run this again") from None
+            try:  # its run died: take the lock over, unless another run did so first
+                etag = client.put_object(Bucket=bucket, Key=key, Body=cls._body(), IfMatch=held["ETag"])["ETag"]
+            except ClientError:
+                raise Busy(f"{output} is being taken over by another run right now: run this again later") from None
+            log.warning("%s: took over a lock last renewed %.0fs ago by %s (that run is gone)", uri, age,
+                        info.get("holder", "unknown"))
+        return cls(client, bucket, key, etag)
+
+    def _renew(self) -> None:
+        while not self.stop.wait(LEASE_SECONDS / 2):
+            try:
+                self.etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
+                                                   IfMatch=self.etag)["ETag"]
+            except Exception as e:  # noqa: BLE001 - taken over or unreachable: say so, keep running
+                log.warning("s3://%s/%s: could not renew this run's lock (%s)", self.bucket, self.key, e)
+
+    def release(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.key)
+        except Exception as e:  # noqa: BLE001 - an expired lock is taken over by the next run anyway
+            log.warning("s3://%s/%s: could not remove this run's lock (%s)", self.bucket, self.key, e)
 
 
 def release_locks() -> None:
     while _locks:
         os.close(_locks.popitem()[1])
+    while _leases:
+        lease = _leases.popitem()[1]
+        if lease is not None:
+            lease.release()
 
 
 def begin_output(spark: SparkSession, output: str) -> None:
     """Take the output's lock (a second run at once refuses), then remove the old summary, so a
     failed re-run never looks complete."""
-    _lock(output)
+    _lock(spark, output)
     storage.delete(spark, f"{output}/{SUMMARY_FILE}")
     storage.delete(spark, f"{output}/{FAILED_FILE}")
 

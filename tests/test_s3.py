@@ -154,3 +154,31 @@ def test_an_s3_endpoint_that_keeps_failing_fails_the_run_leaving_nothing_complet
     assert took < 300, took  # 4 task attempts x 6 tries per request with the SDK's backoff
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="broken", Prefix="lake/").get("Contents", [])]
     assert not [k for k in keys if k.endswith("_SUMMARY.json")], keys
+
+
+def test_two_runs_on_one_s3_lake_one_refuses_and_a_dead_runs_lock_is_taken_over(spark, bucket, s3_sets, capsys):
+    """S3 has no flock: the lock is an object created only if absent (If-None-Match), renewed
+    while the run lives. A live holder makes the second run exit 2 with one line, before it
+    writes anything; a lock nobody renewed for three leases (a killed run's) is taken over,
+    and the run removes its own lock at the end."""
+    import time
+
+    from sparkml.lake import LEASE_SECONDS
+
+    key = "lake-locked/tables/.posts.lock"
+    args = ["--set", "lake=s3a://posts/lake-locked", "--set", f"source.path=s3a://posts/sample/{MANIFEST}",
+            "--set", "source.layout=manifest", *s3_sets]
+    bucket.put_object(Bucket="posts", Key=key, Body=json.dumps({"holder": "pid 4242 on other-host",
+                                                                  "renewed": time.time()}).encode())
+    capsys.readouterr()
+    assert run_job("ingest", *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "being written by another run right now" in err[0] and "pid 4242 on other-host" in err[0]
+    assert "Contents" not in bucket.list_objects_v2(Bucket="posts", Prefix="lake-locked/tables/posts/")
+
+    bucket.put_object(Bucket="posts", Key=key, Body=json.dumps({"holder": "pid 4242 on other-host",
+                                                                  "renewed": time.time() - 3 * LEASE_SECONDS - 1}).encode())
+    assert run_job("ingest", *args) == 0
+    summary = json.loads(bucket.get_object(Bucket="posts", Key="lake-locked/tables/posts/_SUMMARY.json")["Body"].read())
+    assert summary["balanced"]
+    assert "Contents" not in bucket.list_objects_v2(Bucket="posts", Prefix=key)  # released

@@ -26,9 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.common import (ENV, ROOT, DeployError, check_profile, cluster_stages, load_settings,  # noqa: E402
-                           refuse_secrets, stage_args, stage_conf, uploads)
-from deploy.emr.launch import _version, check_bundle, find_bundle, render_profile  # noqa: E402
+from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bundle, check_profile,  # noqa: E402
+                           cluster_stages, find_bundle, load_settings, refuse_secrets, render_profile, stage_args,
+                           stage_conf, uploads, version)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # installed by Dataproc's GPU init action
 
@@ -89,7 +89,7 @@ def job_command(stage, s: dict, base: str, archive: str, profile: str, gpu: dict
 
 
 def commands(s: dict, args, pipeline, bundle: Path, profile: Path) -> list[tuple[str, list[str]]]:
-    base = f"gs://{args.bucket}/{s['prefix']}/deploy/{_version()}"
+    base = f"gs://{args.bucket}/{s['prefix']}/deploy/{version()}"
     gpu = None if args.serverless else gpu_settings(s)
     out = [("upload", ["gcloud", "storage", "cp", str(u.local), u.remote])
            for u in uploads(base, bundle, profile, pipeline, [HERE / "init.sh"])]
@@ -103,14 +103,8 @@ def commands(s: dict, args, pipeline, bundle: Path, profile: Path) -> list[tuple
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="deploy/dataproc/submit.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--settings", default=str(HERE / "cluster.yaml"), help="cluster settings (YAML)")
-    ap.add_argument("--config", default=str(ROOT / "conf" / "dataproc.yaml"), help="the jobs' profile")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster setting")
-    ap.add_argument("--bucket", help="GCS bucket for the lake and uploads (cluster.yaml's bucket)")
+    add_arguments(ap, HERE / "cluster.yaml", ROOT / "conf" / "dataproc.yaml", "GCS")
     ap.add_argument("--cluster", help="submit to this running cluster instead of creating one")
-    ap.add_argument("--stages", help="comma-separated stage names (default: the whole cluster pipeline)")
-    ap.add_argument("--bundle", help="the packed environment (default: make bundle's output for the flavor)")
-    ap.add_argument("--serverless", action="store_true", help="Dataproc Serverless batches instead of a cluster")
     ap.add_argument("--execute", action="store_true", help="run the commands (default: print them)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing (the default)")
     args = ap.parse_args(argv)

@@ -26,48 +26,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, check_profile, cluster_stages, load_settings,  # noqa: E402
-                           needs_gpu, redact, refuse_secrets, stage_args, stage_conf, uploads)
+from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bundle,  # noqa: E402
+                           check_profile, cluster_stages, find_bundle, load_settings, needs_gpu, redact,
+                           refuse_secrets, render_profile, stage_args, stage_conf, uploads, version)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # shipped with EMR's Spark
-BUNDLES = ROOT / ".cache" / "bundle"
-
-
-def _version() -> str:
-    import tomllib
-
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
-
-
-def find_bundle(flavor: str, python: str, given: str | None) -> Path:
-    """The packed environment to upload: --bundle, else the newest `make bundle` output of the flavor."""
-    if given:
-        return Path(given)
-    name = f"instalearn-{_version()}-{flavor}-py{python.replace('.', '')}.tar.gz"
-    return BUNDLES / name
-
-
-def check_bundle(bundle: Path, python: str, dry_run: bool) -> None:
-    if not bundle.is_file():
-        if dry_run:
-            return
-        raise DeployError(f"{bundle}: no such archive; build it with `make bundle` (or pass --bundle)")
-    info = Path(f"{bundle}.json")
-    if info.is_file():
-        built = json.loads(info.read_text())["python"]
-        if built != python:
-            raise DeployError(f"{bundle.name} was built with Python {built}, the cluster runs {python}: rebuild it with "
-                              f"`python -m deploy.bundle --python python{python}`")
-
-
-def render_profile(profile: Path, bucket: str, out: Path) -> Path:
-    """conf/emr.yaml with YOUR-BUCKET replaced by the bucket, written for upload."""
-    text = profile.read_text().replace("YOUR-BUCKET", bucket)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / profile.name
-    target.write_text(text)
-    check_profile(target)
-    return target
 
 
 def gpu_settings(s: dict) -> dict | None:
@@ -214,14 +177,8 @@ def wait_steps(emr, cluster_id: str, step_ids: list[str], names: list[str], log_
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="deploy/emr/launch.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--settings", default=str(HERE / "cluster.yaml"), help="cluster settings (YAML)")
-    ap.add_argument("--config", default=str(ROOT / "conf" / "emr.yaml"), help="the jobs' profile")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a cluster setting")
-    ap.add_argument("--bucket", help="S3 bucket for the lake, uploads and logs (cluster.yaml's bucket)")
+    add_arguments(ap, HERE / "cluster.yaml", ROOT / "conf" / "emr.yaml", "S3")
     ap.add_argument("--cluster-id", help="add the steps to this running cluster instead of creating one")
-    ap.add_argument("--stages", help="comma-separated stage names (default: the whole cluster pipeline)")
-    ap.add_argument("--bundle", help="the packed environment (default: make bundle's output for cluster.yaml's flavor)")
-    ap.add_argument("--serverless", action="store_true", help="EMR Serverless job runs instead of cluster steps")
     ap.add_argument("--dry-run", action="store_true", help="print the API requests as JSON; send nothing")
     ap.add_argument("--no-wait", action="store_true", help="return once the steps are added")
     ap.add_argument("--poll", type=float, default=30.0, help="seconds between progress checks")
@@ -234,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DeployError("no bucket: pass --bucket or set bucket in the settings")
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
         root = f"s3://{bucket}/{s['prefix']}"
-        base, log_uri = f"{root}/deploy/{_version()}", f"{root}/logs/"
+        base, log_uri = f"{root}/deploy/{version()}", f"{root}/logs/"
         python = str(s.get("python", "3.11"))
         bundle = find_bundle(s.get("bundle", "gpu"), python, args.bundle)
         check_bundle(bundle, python, args.dry_run)
