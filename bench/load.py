@@ -4,9 +4,9 @@ planted mess scaled with N), each stage under spark-submit as a user runs it (lo
 6 GB driver), with the wall time per stage, posts per second, and the peak resident memory of
 the driver and of the executors, sampled every 0.2 s from the process tree:
 
-- driver JVM: the spark-submit JVM; in local mode it is also the executor, so its peak is
-  bounded by -Xmx (6 GB) whatever the input: the JVM heap actually used at the end of the
-  stage is reported from the JVM itself (Runtime totalMemory - freeMemory after a GC);
+- driver JVM: the spark-submit JVM's RSS; in local mode it is also the executor, and its RSS
+  tends towards -Xmx (6 GB) whatever the input, so the heap left live after the stage's
+  largest garbage collection is reported too (from -Xlog:gc);
 - driver Python: the job's own process (jobs/<stage>.py), where a driver-side collect of the
   input would show as growth with N;
 - executor Python: the Python workers (pyspark.daemon and its forks), peak of their sum and

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparkml.config import ConfigError, read_yaml  # noqa: E402
-from sparkml.pipeline import CLUSTER, CPU, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
+from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
 
 ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
 PYTHON = f"./{ENV}/bin/python"
@@ -204,8 +204,12 @@ def cluster_stages(only: list[str] | None) -> list[Stage]:
         raise DeployError(str(e)) from None
 
 
-def needs_gpu(pipeline: list[Stage]) -> bool:
-    return any(s.needs != CPU for s in pipeline)
+def check_flavor(flavor: str, pipeline: list[Stage]) -> None:
+    """The data bundle has no torch: refuse it for a pipeline with stages that import torch."""
+    torch = [s.name for s in pipeline if s.torch]
+    if flavor == "data" and torch:
+        raise DeployError(f"the data bundle has no torch, which {', '.join(torch)} need: use the cpu or gpu bundle "
+                          f"(cluster.yaml bundle), or --stages without them")
 
 
 def redact(text: str) -> str:

@@ -177,6 +177,15 @@ def test_a_settings_file_or_option_holding_keys_is_refused_without_echoing_them(
     assert "hunter2" not in capsys.readouterr().err
 
 
+def test_the_data_bundle_is_refused_for_stages_that_need_torch(capsys):
+    for main in (launch.main, submit.main):
+        assert main(["--bucket", "b", "--dry-run", "--set", "bundle=data"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "extract_features" in err[0] and "train_cnn_city" in err[0], err
+        assert main(["--bucket", "b", "--dry-run", "--set", "bundle=data", "--stages", "ingest,dedup"]) == 0
+        capsys.readouterr()
+
+
 def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsys):
     bundle = _bundle(tmp_path)
     assert submit.main(["--bucket", "gb", "--bundle", str(bundle), "--set", "accelerator.type=nvidia-l4",

@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bundle, check_profile,  # noqa: E402
+from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bundle, check_flavor, check_profile,  # noqa: E402
                            cluster_stages, find_bundle, load_settings, refuse_secrets, render_profile, stage_args,
                            stage_conf, uploads, version)
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DeployError("no bucket: pass --bucket or set bucket in the settings")
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
         python = str(s["serverless"]["python"] if args.serverless else s.get("python", "3.11"))
+        check_flavor(s.get("bundle", "cpu"), pipeline)
         bundle = find_bundle(s.get("bundle", "cpu"), python, args.bundle)
         check_bundle(bundle, python, not args.execute)
         profile = render_profile(Path(args.config), args.bucket, ROOT / ".cache" / "deploy" / "dataproc")

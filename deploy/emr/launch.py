@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
 from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bundle,  # noqa: E402
-                           check_profile, cluster_stages, find_bundle, load_settings, needs_gpu, redact,
+                           check_profile, check_flavor, cluster_stages, find_bundle, load_settings, redact,
                            refuse_secrets, render_profile, stage_args, stage_conf, uploads, version)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # shipped with EMR's Spark
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = find_bundle(s.get("bundle", "gpu"), python, args.bundle)
         check_bundle(bundle, python, args.dry_run)
         gpu = None if args.serverless else gpu_settings(s)
-        if needs_gpu(pipeline) and not gpu and s.get("bundle") == "data":
-            raise DeployError("the data bundle has no torch: the stages extract_features, train_cnn and score need "
-                              "the cpu or gpu bundle (cluster.yaml bundle)")
+        check_flavor(s.get("bundle", "gpu"), pipeline)
         profile = render_profile(Path(args.config), bucket, ROOT / ".cache" / "deploy" / "emr")
         executors = int(s.get("executors", 4))
         items = uploads(base, bundle, profile, pipeline, [HERE / "bootstrap.sh"])
