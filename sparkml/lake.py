@@ -227,6 +227,8 @@ class _Lease:
         from botocore.exceptions import ClientError
 
         bucket, _, key = uri.split("://", 1)[1].partition("/")
+        if endpoint and "://" not in endpoint:  # Hadoop takes a bare host name (EMR sets one)
+            endpoint = f"https://{endpoint}"
         client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None)
         try:
             etag = client.put_object(Bucket=bucket, Key=key, Body=cls._body(), IfNoneMatch="*")["ETag"]
