@@ -59,7 +59,8 @@ class Peaks:
 
     def __init__(self, root: psutil.Process, every: float = 0.2):
         self.root, self.every = root, every
-        self.peak = {"driver_jvm": 0, "driver_python": 0, "executor_python_sum": 0, "executor_python_max": 0}
+        self.peak = {"driver_jvm": 0, "driver_python": 0, "executor_python_sum": 0, "executor_python_max": 0,
+                     "executor_jvm_sum": 0}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
         self._t.start()
@@ -70,13 +71,15 @@ class Peaks:
                 procs = [self.root] + self.root.children(recursive=True)
             except psutil.Error:
                 break
-            workers = 0
+            workers = executors = 0
             for p in procs:
                 try:
                     rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
                 except psutil.Error:
                     continue
-                if "java" in p.name():
+                if "java" in p.name() and "CoarseGrainedExecutorBackend" in cmd:  # local-cluster executors
+                    executors += rss
+                elif "java" in p.name():
                     self._up("driver_jvm", rss)
                 elif "pyspark.daemon" in cmd or "pyspark/daemon" in cmd or "pyspark.worker" in cmd:
                     workers += rss
@@ -84,6 +87,7 @@ class Peaks:
                 elif "jobs/" in cmd and "python" in p.name():
                     self._up("driver_python", rss)
             self._up("executor_python_sum", workers)
+            self._up("executor_jvm_sum", executors)
             self._stop.wait(self.every)
 
     def _up(self, key: str, v: int) -> None:
@@ -95,10 +99,10 @@ class Peaks:
         return self.peak
 
 
-def run_stage(stage: str, lake: Path, src: Path, log: Path) -> dict:
+def run_stage(stage: str, lake: Path, src: Path, log: Path, master: str = "local[*,4]") -> dict:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
-    cmd = ["spark-submit", "--driver-memory", "6g", "--master", "local[*,4]",
+    cmd = ["spark-submit", "--driver-memory", "6g", "--master", master,
            "--conf", "spark.driver.extraJavaOptions=-Xlog:gc:file=" + str(log.with_suffix(".gc")),
            f"jobs/{stage}.py", "--config", "conf/local.yaml", "--set", f"lake={lake}",
            "--set", f"source.path={src / 'manifest.jsonl'}", "--set", "source.layout=manifest"]
@@ -136,25 +140,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--posts", type=int, nargs="+", default=[10000, 100000])
     ap.add_argument("--keep", action="store_true", help="keep the lakes under .cache/load")
+    ap.add_argument("--stages", nargs="+", default=list(STAGES), help="run these (on a kept lake: the rest ran before)")
+    ap.add_argument("--master", default="local[*,4]", help="e.g. local-cluster[2,1,3072]: executors in JVMs of their "
+                                                         "own, so the driver's heap is measured apart from theirs")
     args = ap.parse_args()
     header("Load run: ingest -> prepare_images -> dedup -> build_dataset")
     results: dict[int, list[dict]] = {}
     for n in args.posts:
         src = sample(n)
         lake = WORK / f"lake{n}"
-        shutil.rmtree(lake, ignore_errors=True)
+        if args.stages[0] == STAGES[0]:
+            shutil.rmtree(lake, ignore_errors=True)
         results[n] = []
-        for stage in STAGES:
-            r = run_stage(stage, lake, src, WORK / f"{stage}{n}.log")
+        for stage in args.stages:
+            r = run_stage(stage, lake, src, WORK / f"{stage}{n}.log", args.master)
             results[n].append(r)
             s = r["summary"]
             print(f"{n:>7} posts {stage:<15} {r['seconds']:7.1f}s  in={s.get('input_rows')} out={s.get('output_rows')}  "
                   f"jvm {r['driver_jvm'] / 2**30:.2f} GiB (heap live {r['heap_after_gc'] / 2**30:.2f})  "
                   f"driver py {r['driver_python'] / 2**20:.0f} MiB  workers {r['executor_python_sum'] / 2**20:.0f} MiB "
-                  f"(max {r['executor_python_max'] / 2**20:.0f})", flush=True)
+                  f"(max {r['executor_python_max'] / 2**20:.0f})  executor JVMs {r['executor_jvm_sum'] / 2**30:.2f} GiB",
+                  flush=True)
         if not args.keep:
             shutil.rmtree(lake, ignore_errors=True)
-    (WORK / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
+    (WORK / f"results-{args.master.split('[')[0]}.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
 
     lo, hi = min(results), max(results)
     print(f"\n| stage | s per 1k posts at {lo:,} | at {hi:,} | time ratio per post | driver JVM live heap {lo:,} -> {hi:,} "
