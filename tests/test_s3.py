@@ -12,14 +12,19 @@ from tests.conftest import planted, run_job
 pytestmark = pytest.mark.s3
 
 
+def _upload_sample(s3, root, bucket: str) -> None:
+    """A new bucket holding the generated sample under sample/."""
+    s3.create_bucket(Bucket=bucket)
+    for path in root.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"sample/{path.relative_to(root)}")
+
+
 @pytest.fixture(scope="module")
 def bucket(sample, moto_endpoint):
     root, truth = sample
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
-    s3.create_bucket(Bucket="posts")
-    for path in root.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), "posts", f"sample/{path.relative_to(root)}")
+    _upload_sample(s3, root, "posts")
     return s3
 
 
@@ -100,10 +105,7 @@ def test_ingest_through_an_s3_endpoint_that_fails_part_of_its_requests(spark, sa
 
     root, truth = sample
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
-    s3.create_bucket(Bucket="flaky")
-    for path in root.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), "flaky", f"sample/{path.relative_to(root)}")
+    _upload_sample(s3, root, "flaky")
     source = ["--set", f"source.path=s3a://flaky/sample/{MANIFEST}", "--set", "source.layout=manifest",
               "--set", "s3.path_style_access=true", *s3a_bounded]
     clean = str(tmp_path / "clean")
@@ -135,10 +137,7 @@ def test_an_s3_endpoint_that_keeps_failing_fails_the_run_leaving_nothing_complet
 
     root, _ = sample
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
-    s3.create_bucket(Bucket="broken")
-    for path in root.rglob("*"):
-        if path.is_file():
-            s3.upload_file(str(path), "broken", f"sample/{path.relative_to(root)}")
+    _upload_sample(s3, root, "broken")
     with FaultProxy(moto_endpoint, every=5, attempts=10**9, faults=("503", "500", "reset"),
                     only="HEAD /broken/sample/img_resized_1M/") as proxy:
         t0 = time.perf_counter()
