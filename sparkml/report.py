@@ -336,6 +336,9 @@ def likability(page: Page) -> str | None:
     if m is not None:
         rows = [[TITLES.get(r["algorithm"], r["algorithm"]), r["layer"], r["variant"], r["test_ap"],
                  PUBLISHED.get((r["layer"], r["algorithm"], r["variant"]))] for r in m["results"]]
+        ours = {r["layer"] for r in m["results"]}
+        rows += [[TITLES.get(a, a), f"{layer} (the original's AlexNet)", v, None, ap]
+                 for (layer, a, v), ap in PUBLISHED.items() if layer not in ours]
         rate = ", ".join(f"{k} {fmt(v)}" for k, v in m["test_positive_rate"].items())
         out += [f"<p>Average precision on the test split (positive rate {rate}: a classifier that knows nothing "
                 "scores about that).</p>", table(["classifier", "layer", "variant", "test AP", "published"], rows)]

@@ -1,5 +1,5 @@
-"""The likability classifiers on CNN features (experiment 3): Spark ML LinearSVC, tuned by
-CrossValidator, against the original's MLlib SVMWithSGD and scikit-learn baselines.
+"""The likability classifiers on CNN features (experiment 3): Spark LinearSVC tuned over C by
+cross-validation, against the original's MLlib SVMWithSGD and scikit-learn baselines.
 
     <lake>/tables/features -> <lake>/reports/likability_svm/metrics.{json,md}
                               <lake>/models/likability_svm/<layer>_<variant>/  (Spark ML PipelineModel)
@@ -7,9 +7,12 @@ CrossValidator, against the original's MLlib SVMWithSGD and scikit-learn baselin
 For each layer and each variant, `normal` (train on the features of the images) and
 `flipped+normal` (also on those of their mirrored copies, the original's augmentation):
 
-- Spark ML: Pipeline(StandardScaler, LinearSVC), CrossValidator over regParam with k folds
-  by post_id (an image and its mirror are always in the same fold) and `parallelism`
-  models at a time, metric areaUnderPR; or TrainValidationSplit (svm.search=trainval).
+- Spark LinearSVC over C with k folds by post_id (an image and its mirror are always in the
+  same fold), two engines (svm.engine): `tasks` for rows that fit a task (one Spark job, a
+  task per core fitting liblinear's LinearSVC with the same objective, metric average
+  precision; the refit saved as a Spark ML PipelineModel), `spark_ml` for any size: Spark ML
+  Pipeline(StandardScaler, LinearSVC) under CrossValidator with `parallelism` models at a
+  time, metric areaUnderPR, or TrainValidationSplit (svm.search=trainval).
 - MLlib SVMWithSGD over regParam x step, on the same folds (normal variant, for parity).
 - scikit-learn LinearSVC over the same C grid (GridSearchCV on the same folds) and
   RandomForestClassifier(500 trees), on the driver, when the training rows fit under
@@ -35,7 +38,7 @@ from sparkml.lake import UnusableInput
 
 VARIANTS = ("normal", "flipped+normal")
 ALGORITHMS = ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest", "mllib_svmwithsgd")
-TITLES = {"spark_linearsvc": "Spark ML LinearSVC", "sklearn_linearsvc": "sklearn LinearSVC",
+TITLES = {"spark_linearsvc": "Spark LinearSVC", "sklearn_linearsvc": "sklearn LinearSVC",
           "sklearn_random_forest": "sklearn RandomForest", "mllib_svmwithsgd": "MLlib SVMWithSGD"}
 # Average precision on the test split, as published (the original had no Spark ML column).
 PUBLISHED = {
@@ -77,10 +80,14 @@ def area_under_pr(spark, labels: np.ndarray, scores: np.ndarray) -> float:
     return float(BinaryClassificationMetrics(pairs).areaUnderPR)
 
 
-def _arrays(df) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(X float32 (n, d), y, fold) of a frame with vector, label, fold, collected to the driver."""
-    pdf = df.select("label", "fold", "vector").toPandas()
-    x = np.stack(pdf.vector.to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 0), np.float32)
+def _arrays(df, column: str = "vector") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(X float32 (n, d), y, fold) of a frame with the vector column, label, fold, collected to
+    the driver in (post_id, mirrored) order: the same arrays whatever the partitioning."""
+    from pyspark.ml.functions import vector_to_array
+
+    vec = vector_to_array(column) if dict(df.dtypes)[column] == "vector" else df[column]
+    pdf = df.orderBy("post_id", "mirrored").select("label", "fold", vec.alias("x")).toPandas()
+    x = np.stack(pdf.x.to_numpy()).astype(np.float32) if len(pdf) else np.zeros((0, 0), np.float32)
     return x, pdf.label.to_numpy().astype(int), pdf.fold.to_numpy().astype(int)
 
 
@@ -91,9 +98,19 @@ def _scored(spark, name, layer, variant, params, validation, labels, scores, tra
             "test_rows": int(len(labels)), "seconds": round(seconds, 2), **extra}
 
 
+def engine(s, rows: int, dim: int) -> str:
+    """spark_ml or tasks (svm.engine; auto: tasks when the training rows fit svm.task_max_mb and
+    the search is by folds, which is the one the tasks engine runs)."""
+    if s.engine != "auto":
+        return s.engine
+    if s.search != "crossval":
+        return "spark_ml"
+    return "tasks" if rows * dim * 8 <= s.task_max_mb << 20 else "spark_ml"
+
+
 # ---------------------------------------------------------------- Spark ML
 
-def spark_linear_svc(s, train, n: int, path: str) -> tuple[dict, object]:
+def spark_linear_svc(spark, s, train, n: int, path: str) -> tuple[dict, object]:
     """Pipeline(StandardScaler, LinearSVC) tuned over s.c_grid; the best model refit on all
     training rows, saved at path. Returns (chosen params + validation metric, PipelineModel)."""
     from pyspark.ml import Pipeline
@@ -120,7 +137,80 @@ def spark_linear_svc(s, train, n: int, path: str) -> tuple[dict, object]:
     model = fitted.bestModel
     model.write().overwrite().save(path)
     return {"C": s.c_grid[best], "regParam": reg_param(s.c_grid[best], n), "validation": float(metrics[best]),
-            "iterations": model.stages[-1].summary().totalIterations if model.stages[-1].hasSummary else None}, model
+            "iterations": model.stages[-1].summary().totalIterations if model.stages[-1].hasSummary else None,
+            "engine": "spark_ml"}, model
+
+
+# ---------------------------------------------------------------- the same search as Spark tasks (small tables)
+
+def hinge_svc(s, c: float):
+    """liblinear's LinearSVC with Spark LinearSVC's objective at C = 1 / (regParam n): hinge loss
+    and an all but unpenalised intercept (liblinear penalises the intercept as a weight on a
+    constant feature of value intercept_scaling)."""
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(C=c, loss="hinge", dual=True, intercept_scaling=100, max_iter=s.sklearn_max_iter,
+                     random_state=s.seed)
+
+
+def linear_svc_model(spark, coefficients: np.ndarray, intercept: float, features: str = "scaled"):
+    """A Spark ML LinearSVCModel holding given coefficients (its JVM constructor, which Scala keeps
+    package-private and py4j can call): saved, loaded and applied as any Spark ML model."""
+    import hashlib
+
+    from pyspark.ml.classification import LinearSVCModel
+    from pyspark.ml.common import _py2java
+    from pyspark.ml.linalg import DenseVector
+
+    coefficients = np.asarray(coefficients, np.float64)
+    uid = "LinearSVC_" + hashlib.blake2b(coefficients.tobytes() + np.float64(intercept).tobytes(),
+                                         digest_size=6).hexdigest()
+    java = spark._jvm.org.apache.spark.ml.classification.LinearSVCModel(
+        uid, _py2java(spark.sparkContext, DenseVector(coefficients)), float(intercept))
+    return LinearSVCModel(java).setFeaturesCol(features)
+
+
+def task_linear_svc(spark, s, train, n: int, path: str) -> tuple[dict, object]:
+    """The Spark LinearSVC search for training rows that fit one task (svm.engine=tasks): one
+    Spark job whose tasks each fit one (C, fold) pair with liblinear on the broadcast rows,
+    scaled within the fold as the Pipeline does, scored by average precision; Spark ML's L-BFGS
+    runs one Spark job per iteration instead (~40 ms of scheduling each on a small machine,
+    whatever the rows). The chosen C is refit on the rows scaled by a Spark StandardScaler and
+    saved as the same PipelineModel (StandardScalerModel + LinearSVCModel) as the spark_ml engine."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.feature import StandardScaler
+
+    x, y, fold = _arrays(train, "features")
+    folds = sorted(set(fold.tolist()))
+    data = spark.sparkContext.broadcast((x, y, fold))
+
+    def fit(jobs):
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler as Scaler
+
+        x, y, fold = data.value
+        for c, f in jobs:
+            held = fold == f
+            if len(set(y[~held].tolist())) < 2 or len(set(y[held].tolist())) < 2:
+                yield c, f, None  # a fold without both classes on both sides says nothing about C
+                continue
+            pipe = make_pipeline(Scaler(), hinge_svc(s, c)).fit(x[~held], y[~held])
+            yield c, f, average_precision(y[held], pipe.decision_function(x[held]))
+
+    jobs = [(c, f) for c in s.c_grid for f in folds]
+    slots = max(1, min(len(jobs), spark.sparkContext.defaultParallelism))  # a task per core, not per fit
+    got = spark.sparkContext.parallelize(jobs, slots).mapPartitions(fit).collect()
+    data.destroy()
+    mean = {c: np.mean(v) if (v := [a for cc, _, a in got if cc == c and a is not None]) else -1.0 for c in s.c_grid}
+    best = max(s.c_grid, key=lambda c: (mean[c], -s.c_grid.index(c)))
+    scaler = StandardScaler(inputCol="features", outputCol="scaled", withMean=True, withStd=True).fit(train)
+    mu, sd = scaler.mean.toArray(), scaler.std.toArray()
+    xs = np.where(sd > 0, (x - mu) / np.where(sd > 0, sd, 1), 0.0)  # what the scaler model computes (0 for constants)
+    svc = hinge_svc(s, best).fit(xs, y)
+    model = PipelineModel([scaler, linear_svc_model(spark, svc.coef_[0], float(svc.intercept_[0]))])
+    model.write().overwrite().save(path)
+    return {"C": best, "regParam": reg_param(best, n), "validation": float(mean[best]),
+            "iterations": int(np.max(svc.n_iter_)), "engine": "tasks"}, model
 
 
 def spark_scores(model, test) -> tuple[np.ndarray, np.ndarray]:
@@ -282,7 +372,8 @@ def train_svm(spark, cfg):
             train = rows.repartition(max(1, math.ceil(n * dim * 8 / PARTITION_BYTES))).persist(
                 StorageLevel.MEMORY_AND_DISK)
             t0 = time.perf_counter()
-            params, model = spark_linear_svc(s, train, n, f"{models}/{model_dir(layer, variant)}")
+            fit = task_linear_svc if engine(s, n, dim) == "tasks" else spark_linear_svc
+            params, model = fit(spark, s, train, n, f"{models}/{model_dir(layer, variant)}")
             labels, scores = spark_scores(model, test)
             results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
                                    scores, n, time.perf_counter() - t0, model=f"{models}/{model_dir(layer, variant)}"))
@@ -341,8 +432,10 @@ def _provenance(spark, lake, feats) -> dict:
     from sparkml.lake import read_summary
 
     rows = feats.select("model", "weights").distinct().collect()
+    made = read_summary(spark, lake.table("features"))
     return {"model": sorted({r["model"] for r in rows}), "weights": sorted({r["weights"] for r in rows}),
-            "seed": read_summary(spark, lake.table("features")).get("seed")}
+            "seed": made.get("seed"), "normalisation": made.get("normalisation"),
+            "weights_sha256": made.get("weights_sha256")}
 
 
 def markdown(body: dict) -> str:
@@ -366,6 +459,10 @@ def markdown(body: dict) -> str:
         cells = [" / ".join(cell(layer, a, v) for v in (variants if a != "mllib_svmwithsgd" else ["normal"]))
                  for a in ALGORITHMS]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    for layer in sorted({k[0] for k in PUBLISHED} - set(layers), key=("fc7", "fc6").index):  # features not ours
+        cells = [" / ".join(f"({PUBLISHED[(layer, a, v)]:.3f})" if (layer, a, v) in PUBLISHED else "-"
+                            for v in (variants if a != "mllib_svmwithsgd" else ["normal"])) for a in ALGORITHMS]
+        lines.append(f"| {layer}, published (the original's AlexNet) | " + " | ".join(cells) + " |")
     rate = ", ".join(f"{l} {v:.3f}" for l, v in body["test_positive_rate"].items())
     detail = ["| layer | variant | algorithm | chosen | validation metric | test AP | test areaUnderPR | "
               "train rows | test rows | seconds |", "|" + " --- |" * 10]
