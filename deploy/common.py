@@ -136,6 +136,22 @@ class Upload:
     remote: str   # s3://... or gs://...
 
 
+def weight_uploads(files: list[str], root: str) -> list[Upload]:
+    """Staged weights files, each with its card beside it (python -m dl.weights stage), to
+    <root>/weights/: how a cluster without internet gets pretrained weights; the profile names
+    them (features.weights: s3://<bucket>/<prefix>/weights/<file>)."""
+    from dl.weights import sidecar
+
+    out = []
+    for f in files:
+        p, card = Path(f), Path(sidecar(f))
+        if not p.is_file() or not card.is_file():
+            raise DeployError(f"--weights {f}: needs the file and its card {card.name} beside it (stage them with "
+                              "python -m dl.weights stage)")
+        out += [Upload(p, f"{root}/weights/{p.name}"), Upload(card, f"{root}/weights/{card.name}")]
+    return out
+
+
 def uploads(base: str, bundle: Path, profile: Path, pipeline: list[Stage], extra: list[Path] = ()) -> list[Upload]:
     """What a run needs in the bucket under `base`: the packed environment, the jobs, the profile
     and the files stages read by path (training presets)."""
@@ -195,6 +211,9 @@ def add_arguments(ap, settings: Path, profile: Path, store: str) -> None:
     ap.add_argument("--stages", help="comma-separated stage names (default: the whole cluster pipeline)")
     ap.add_argument("--bundle", help="the packed environment (default: make bundle's output for cluster.yaml's flavor)")
     ap.add_argument("--serverless", action="store_true", help=f"{store} serverless runs instead of a cluster")
+    ap.add_argument("--weights", action="append", default=[], metavar="FILE",
+                    help="a staged weights file (its card beside it: python -m dl.weights stage) to upload to "
+                         "<bucket>/<prefix>/weights/, for clusters without internet (repeatable)")
 
 
 def cluster_stages(only: list[str] | None) -> list[Stage]:

@@ -40,22 +40,33 @@ def save(state: dict, root: str, step: int, endpoint: str | None = None, region:
     return uri
 
 
-def load(uri: str, endpoint: str | None = None, region: str | None = None, map_location: str = "cpu") -> dict:
-    """The state saved at uri, loaded with weights_only=True; CheckpointError when it is
-    missing, unreadable or not a checkpoint."""
+def read(uri: str, endpoint: str | None = None, region: str | None = None) -> bytes:
+    """The file's bytes; CheckpointError when it is missing or unreadable."""
     try:
         data = storage.read_uri(uri, endpoint, region)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{uri}: cannot read it ({e})") from None
     if data is None:
         raise CheckpointError(f"{uri}: no such file or object")
+    return data
+
+
+def parse(data: bytes, uri: str, map_location: str = "cpu") -> dict:
+    """A checkpoint's bytes loaded with weights_only=True; CheckpointError when they are not one."""
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file, said in one line
-        raise CheckpointError(f"{uri}: not a torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{uri}: not a torch checkpoint ({type(e).__name__}: {first})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{uri}: expected a dict of state, got {type(state).__name__}")
     return state
+
+
+def load(uri: str, endpoint: str | None = None, region: str | None = None, map_location: str = "cpu") -> dict:
+    """The state saved at uri, loaded with weights_only=True; CheckpointError when it is
+    missing, unreadable or not a checkpoint."""
+    return parse(read(uri, endpoint, region), uri, map_location)
 
 
 def _steps(root: str, endpoint: str | None, region: str | None) -> list[tuple[int, str]]:

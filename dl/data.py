@@ -129,12 +129,13 @@ def _target(value, width: int | None) -> np.ndarray:
 def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int | None, seed: int = 0,
             crop: int = 224, target: str = "label", train: bool = True, skip: int = 0, prefetch: int = 4,
             endpoint: str | None = None, region: str | None = None, ids: bool = False, width: int | None = None,
-            stats: dict | None = None) -> Iterator[tuple]:
+            stats: dict | None = None, norm: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> Iterator[tuple]:
     """(images, targets) batches of this rank's shard, (images, targets, post_ids) with ids:
     exactly `steps` of them (all rows, the last batch short, when steps is None), the first
     `skip` passed over (resume mid-epoch). Decoding runs ahead in a background thread, at most
     `prefetch` batches; `stats` gets the rows it decoded and the seconds it was busy (its rate
-    when it never waits for the step). A soft target that is missing becomes `width` NaNs."""
+    when it never waits for the step). A soft target that is missing becomes `width` NaNs.
+    norm: the (mean, std) of the weights' card (dl.weights)."""
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
@@ -177,7 +178,7 @@ def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int 
                 raise item
             images, targets, names = item
             got += 1
-            yield (normalise(images), torch.from_numpy(targets)) + ((names,) if ids else ())
+            yield (normalise(images, *norm), torch.from_numpy(targets)) + ((names,) if ids else ())
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue

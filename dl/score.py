@@ -55,7 +55,7 @@ def _network(root: str, version: str, endpoint: str | None, region: str | None, 
     exported = read_exported(root, endpoint, region)
     meta = exported.meta
     net = models.load_model(meta["model"], f"{root}/model.pt", num_classes=meta["outputs"], endpoint=endpoint,
-                            region=region, **meta.get("model_kwargs", {}))
+                            region=region)  # its card (builder arguments, sha256) is the model.json beside it
     return net.eval().to(on, memory_format=torch.channels_last)
 
 

@@ -50,8 +50,8 @@ TASKS = {
 }
 
 # Fields of train.* that a resumed run must share with the checkpoint it continues.
-RESUME_KEYS = ("task", "dataset", "model", "weights", "seed", "freeze", "dropout", "optimizer", "batch_size",
-               "accumulate", "crop", "processes", "backend")
+RESUME_KEYS = ("task", "dataset", "model", "weights", "seed", "freeze", "batchnorm", "dropout", "optimizer",
+               "batch_size", "accumulate", "crop", "processes", "backend")
 
 
 # The per-rank sums of the epoch so far (train loss and accuracy), checkpointed for every rank.
@@ -62,28 +62,53 @@ class TrainError(ValueError):
     """A training setup that cannot run (bad freeze list, too few batches): said in one line."""
 
 
-def builder_kwargs(t) -> dict:
-    """torchvision builder arguments the weights need: a GoogLeNet / Inception that starts from
-    ImageNet weights (or a checkpoint fine-tuned from them) normalises its input as those did."""
-    return {"transform_input": True} if t.model in models.AUX_HEADS and t.weights != "none" else {}
+def frozen_modules(model: nn.Module, freeze: list[str]) -> list[str]:
+    """The module names train.freeze asks for; `backbone` stands for every module outside the
+    head's path (the head alone is trained)."""
+    names = dict(model.named_modules())
+    out = []
+    for prefix in freeze:
+        if prefix == "backbone":
+            path, _ = models.head(model)
+            node = ""
+            for part in path.split("."):  # walk down to the head: every sibling on the way is backbone
+                parent = model.get_submodule(node) if node else model
+                out += [f"{node}.{n}" if node else n for n, _ in parent.named_children() if n != part]
+                node = f"{node}.{part}" if node else part
+        elif prefix not in names:
+            top = ", ".join(n for n, _ in model.named_children())
+            raise TrainError(f"train.freeze: {type(model).__name__.lower()} has no module {prefix!r} (its top-level "
+                             f"modules: {top}; or backbone: all but the head)")
+        else:
+            out.append(prefix)
+    return out
+
+
+def batchnorm_frozen(t, card) -> bool:
+    """Batch norm held in eval mode with its affine fixed: asked for, or (auto) weights whose
+    batch norm was folded into the convolutions (train mode would discard the folded scale)."""
+    return t.batchnorm == "frozen" or (t.batchnorm == "auto" and card.batchnorm == "folded")
 
 
 def build(t, outputs: int, endpoint: str | None = None, region: str | None = None) -> tuple[nn.Module, list[str]]:
-    """The model with its new head and the names of its frozen modules (their weights fixed)."""
-    model = models.load_model(t.model, t.weights, num_classes=outputs, endpoint=endpoint, region=region,
-                              seed=t.seed, **builder_kwargs(t))
-    names = dict(model.named_modules())
-    for prefix in t.freeze:
-        if prefix not in names:
-            top = ", ".join(n for n, _ in model.named_children())
-            raise TrainError(f"train.freeze: {t.model} has no module {prefix!r} (its top-level modules: {top})")
-        for p in names[prefix].parameters():
+    """The model with its new head and the names of its frozen modules (their weights fixed;
+    with frozen batch norm, every batch-norm layer among them)."""
+    from dl.weights import card
+
+    model = models.load_model(t.model, t.weights, num_classes=outputs, endpoint=endpoint, region=region, seed=t.seed)
+    frozen = frozen_modules(model, list(t.freeze))
+    if batchnorm_frozen(t, card(t.model, t.weights, endpoint, region)):
+        frozen += [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for name in frozen:
+        for p in model.get_submodule(name).parameters():
             p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise TrainError(f"train.freeze {list(t.freeze)} leaves nothing of {t.model} to train")
     if t.dropout is not None:
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = t.dropout
-    return model, list(t.freeze)
+    return model, frozen
 
 
 def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
@@ -158,6 +183,8 @@ class Run:
         self.device = self.b.device
         self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and self.device.type == "cuda")
         self.model, self.frozen = build(self.t, spec["outputs"], **self.io)
+        pre = spec["preprocessing"]
+        self.norm = (tuple(pre["mean"]), tuple(pre["std"]))  # the weights' input normalisation
         # Horovod's collectives take contiguous tensors only: its parameters (and so their
         # gradients) stay in the default format; the inputs are channels_last either way
         fmt = torch.channels_last if self.t.channels_last and self.t.backend != "horovod" else torch.contiguous_format
@@ -218,7 +245,7 @@ class Run:
         start = pos["batch"]
         loader = data.batches(self.spec["urls"]["train"], self.b.rank, self.b.size, e, t.batch_size, self.batches,
                               seed=t.seed, crop=t.crop, target=task.target, train=True, skip=start,
-                              prefetch=t.prefetch, width=self.spec["outputs"], stats=stats, **self.io)
+                              prefetch=t.prefetch, width=self.spec["outputs"], stats=stats, norm=self.norm, **self.io)
         it = iter(loader)
         for i in range(start, self.batches):
             w0 = time.perf_counter()
@@ -292,7 +319,7 @@ class Run:
         shards = min(self.b.size, len(data.row_group_rows(url, **self.io)))
         loader = data.batches(url, self.b.rank, shards, 0, t.batch_size, None, seed=t.seed, crop=t.crop,
                               target=task.target, train=False, prefetch=t.prefetch, width=self.spec["outputs"],
-                              ids=True, **self.io) if self.b.rank < shards else iter(())
+                              ids=True, norm=self.norm, **self.io) if self.b.rank < shards else iter(())
         with torch.inference_mode():
             for x, y, names in loader:
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
@@ -360,25 +387,38 @@ class Run:
         state = checkpoint.load(f"{self.spec['export'].rstrip('/')}/model.pt", **self.io)
         return state["model"]
 
+    def card(self) -> dict:
+        """The exported model's weights card (dl.weights): the normalisation and builder arguments
+        of the weights it started from, its own classes, batch norm still folded if it was kept frozen."""
+        from dl.weights import Card
+
+        start = Card.model_validate(self.spec["card"])
+        folded = start.batchnorm == "folded" and batchnorm_frozen(self.t, start)
+        return start.model_copy(update={
+            "crop": self.t.crop, "categories": self.spec["labels"], "batchnorm": "folded" if folded else "trained",
+            "sha256": None, "source": f"train_cnn --task {self.t.task} from {self.t.weights}"}).model_dump()
+
     def meta(self, epoch: int, val: dict) -> dict:
         t = self.t
         return {"task": t.task, "model": t.model, "outputs": self.spec["outputs"], "labels": self.spec["labels"],
-                "model_kwargs": builder_kwargs(t), "target": self.task.target,
-                "output": "softmax" if self.task.loss == "ce" else "sigmoid",
-                "preprocessing": self.spec["preprocessing"], "epoch": epoch,
+                "target": self.task.target, "output": "softmax" if self.task.loss == "ce" else "sigmoid",
+                "preprocessing": self.spec["preprocessing"], "card": self.card(), "epoch": epoch,
                 "validation": {k: v for k, v in val.items() if k != "confusion"},
                 "trained_from": t.weights, "dataset": self.spec["dataset"], "train": self.spec["train"]}
 
     def export(self, epoch: int, val: dict) -> None:
         """<export>/model.pt ({"model": state_dict, "meta": ...}; dl.models.load_model reads it)
-        and model.json (the same meta, for people and the scoring job)."""
+        and model.json (the same meta with the file's sha256 in its card, for people and the
+        scoring job: it is model.pt's weights card)."""
         from sparkml import storage
 
         meta = self.meta(epoch, val)
         buf = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "meta": meta}, buf)
+        data = buf.getvalue()
+        meta["card"]["sha256"] = hashlib.sha256(data).hexdigest()
         root = self.spec["export"].rstrip("/")
-        storage.write_uri(f"{root}/model.pt", buf.getvalue(), **self.io)
+        storage.write_uri(f"{root}/model.pt", data, **self.io)
         storage.write_uri(f"{root}/model.json", json.dumps(meta, indent=1, default=str).encode(), **self.io)
 
     def say(self, line: str) -> None:

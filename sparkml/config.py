@@ -45,7 +45,9 @@ class Source(Section):
         "split layout <root>/img/<split>/<city>/<id>.jpg) with captions beside; manifest: CSV, "
         "JSON Lines or Parquet with post_id, image and optional fields; instagram: an account export's folder "
         "(content/posts_1.json or your_instagram_activity/content/posts_1.json, media beside); folder: every "
-        "image under a folder (post_id = its path without the extension)"
+        "image under a folder (post_id = its path without the extension); classes: a labelled folder, "
+        "<class>/<image> or <train|val|test>/<class>/<image> (the class is the label build_dataset and "
+        "train_cnn --task city use; post_id = <class>/<name>)"
     )
 
 
@@ -193,9 +195,12 @@ class Retrieval(Section):
 class Features(Section):
     dataset: str = Field("likability", pattern=r"^[A-Za-z0-9_-]+$",
                          description="Petastorm dataset under <lake>/datasets/ whose images get features")
+    images: str | None = Field(None, description="instead of the dataset: an images table (a URI, or a table name "
+                                                 "under <lake>/tables/) such as an archive's; split and label null")
     model: str = Field("alexnet", description="torchvision model name (alexnet, vgg19, resnet50, ...)")
-    weights: str = Field("none", description="none (random init from features.seed: tests and the demo), imagenet "
-                                             "(torchvision's weights; needs internet) or a state_dict URI")
+    weights: str = Field("none", description="none (random init from features.seed: tests of mechanics), imagenet "
+                                             "(torchvision's weights: TORCH_HOME or a download) or the URI of a "
+                                             "weights file with its card (python -m dl.weights stage; docs/weights.md)")
     seed: int = Field(0, description="seed of the random init when weights is none")
     layers: list[Literal["fc6", "fc7", "prelogit"]] = Field(
         ["fc6", "fc7"], min_length=1, description="layers to keep: fc6, fc7 (AlexNet/VGG, after their ReLU) or prelogit")
@@ -214,6 +219,14 @@ class Svm(Section):
         "crossval", description="crossval: Spark CrossValidator over svm.folds folds by post_id (an image and its mirror "
                                 "stay in one fold); trainval: TrainValidationSplit (splits rows at random, so a mirrored "
                                 "copy can land on the other side)")
+    engine: Literal["auto", "spark_ml", "tasks"] = Field(
+        "auto", description="how the Spark LinearSVC is tuned: spark_ml (Spark ML's distributed L-BFGS under "
+                            "CrossValidator, one Spark job per iteration: for tables of any size), tasks (one Spark "
+                            "job, one task per C and fold fitting the same objective with liblinear on a broadcast "
+                            "copy: for tables that fit a task, svm.search=crossval); auto: tasks up to "
+                            "svm.task_max_mb")
+    task_max_mb: int = Field(256, ge=0, description="training rows x dimensions x 8 bytes up to which svm.engine=auto "
+                                                    "takes tasks")
     folds: int = Field(3, ge=2, description="cross-validation folds (Spark, MLlib and scikit-learn share them)")
     train_ratio: float = Field(0.75, gt=0, lt=1, description="trainval: fraction of the training rows fit on")
     c_grid: list[float] = Field(
@@ -240,11 +253,17 @@ class Train(Section):
                             "distribution, soft targets), likability (good/bad)")
     dataset: str = Field("cities", pattern=r"^[A-Za-z0-9_-]+$", description="Petastorm dataset under <lake>/datasets/")
     model: str = Field("alexnet", description="torchvision model name (alexnet, googlenet, ...)")
-    weights: str = Field("imagenet", description="imagenet (torchvision's weights; needs internet), none (random init "
-                                                 "from train.seed: tests and the demo) or a state_dict URI")
+    weights: str = Field("imagenet", description="imagenet (torchvision's weights: TORCH_HOME or a download), none "
+                                                 "(random init from train.seed: tests of mechanics) or the URI of a "
+                                                 "weights file with its card (any head: it is replaced; docs/weights.md)")
     seed: int = Field(0, description="seed of the random init, the data order, the crops and dropout")
     freeze: list[str] = Field(default_factory=list, description="modules whose weights stay fixed (and in eval mode), "
-                                                                "e.g. [features.0, features.3] = AlexNet conv1-2")
+                                                                "e.g. [features.0, features.3] = AlexNet conv1-2; "
+                                                                "backbone = every module but the head")
+    batchnorm: Literal["auto", "train", "frozen"] = Field(
+        "auto", description="frozen: every batch-norm layer in eval mode, running statistics and affine fixed; train: "
+                            "as the rest; auto: frozen for weights whose card says batch norm was folded (the shipped "
+                            "MobileNetV2), else train")
     dropout: float | None = Field(None, ge=0, lt=1, description="dropout probability of the model's Dropout layers "
                                                                 "(default: the model's own, 0.5 for AlexNet)")
     optimizer: Literal["sgd", "adam"] = Field("sgd", description="sgd (with momentum, as Caffe) or adam")
@@ -287,7 +306,7 @@ class Train(Section):
 class Score(Section):
     input: str | None = Field(None, description="URI of the images to score: a folder, a manifest, an Instagram "
                                                 "export, InstaCities folders or an images table (score.layout)")
-    layout: Literal["folder", "manifest", "instagram", "instacities", "images"] = Field(
+    layout: Literal["folder", "manifest", "instagram", "instacities", "classes", "images"] = Field(
         "folder", description="how score.input is laid out (as source.layout); images: a prepared images table (a "
                               "URI, or a table name under <lake>/tables/)")
     models: list[Literal["city", "topics", "likability", "likability_svm"]] = Field(
@@ -306,8 +325,9 @@ class Explore(Section):
                              "pixels at explore.pixels (the original's first try; 67,500 values an image at 150)")
     model: str = Field("vgg19", description="torchvision model for features=model")
     layer: Literal["fc6", "fc7", "prelogit"] = Field("fc7", description="its layer (fc7: the original's)")
-    weights: str = Field("none", description="none (random init from explore.seed), imagenet (needs internet; also "
-                                             "gives the cluster labels) or a state_dict URI")
+    weights: str = Field("none", description="none (random init from explore.seed), imagenet (torchvision's) or the "
+                                             "URI of a weights file with its card; weights whose card names the "
+                                             "head's classes (ImageNet's) also label the clusters")
     seed: int = Field(0, description="seed of the random init, K-Means, the map's sample and t-SNE")
     pixels: int = Field(150, ge=8, description="side of the raw-pixel features")
     k: int = Field(10, ge=2, description="clusters kept (the original: 10)")

@@ -8,8 +8,8 @@
          so the choice of k is not blind; the clusters of explore.k are kept
       -> a 2-D t-SNE (scikit-learn) of up to explore.tsne_sample images, drawn as thumbnails
          framed in their cluster's colour; a contact sheet per cluster (closest to the centre first)
-      -> per-cluster labels: the most frequent ImageNet classes the network predicts for its
-         images (explore.weights=imagenet only: random weights would name noise)
+      -> per-cluster labels: the most frequent classes the network predicts for its images
+         (weights whose card names the head's classes, ImageNet's: random weights would name noise)
 
     <lake>/tables/clusters    post_id, cluster, distance, x, y, category
     <lake>/models/kmeans      the Spark ML KMeansModel of explore.k
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 
@@ -43,26 +42,12 @@ def pixels(image: np.ndarray, side: int) -> np.ndarray:
     return (cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA).astype(np.float32) / 255).ravel()
 
 
-@functools.lru_cache(maxsize=1)
-def _classifier(model: str, on: str):
-    """The whole ImageNet network with its class names, once per worker (explore.weights=imagenet)."""
-    import torch
-    import torchvision
-
-    from dl.models import load_model
-
-    net = load_model(model, "imagenet").eval().to(on, memory_format=torch.channels_last)
-    return net, torchvision.models.get_model_weights(model).DEFAULT.meta["categories"]
-
-
 def explore_batch(batch: pa.RecordBatch, e: dict, endpoint: str | None = None,
                   region: str | None = None) -> pa.RecordBatch:
-    """post_id + image (prepared JPEG) -> post_id, feature vector and (with ImageNet weights)
-    the top-1 ImageNet class; an image that does not decode becomes a reject row."""
-    import torch
-
-    from dl.models import preprocessing
-    from sparkml.features import decode, device, extract
+    """post_id + image (prepared JPEG) -> post_id, feature vector and (weights whose card names
+    the head's classes: e["labels"]) the top-1 class, from the same forward pass; an image that
+    does not decode becomes a reject row."""
+    from sparkml.features import decode, extract
 
     ids = batch.column("post_id").to_pylist()
     images = [decode(b) for b in batch.column("image").to_pylist()]
@@ -72,16 +57,12 @@ def explore_batch(batch: pa.RecordBatch, e: dict, endpoint: str | None = None,
     if ok and e["features"] == "pixels":
         vectors = {i: pixels(images[i], e["pixels"]) for i in ok}
     elif ok:
-        got = extract([images[i] for i in ok], e["model"], e["weights"], (e["layer"],), False, e["seed"], endpoint,
-                      region, e["precision"])[(e["layer"], False)]
-        vectors = dict(zip(ok, got))
-        if e["weights"] == "imagenet":
-            on = device()
-            net, names = _classifier(e["model"], on)
-            x = preprocessing(e["model"], "imagenet")([images[i] for i in ok]).to(on)
-            with torch.inference_mode():
-                top = net(x).argmax(1).cpu().tolist()
-            categories = {i: names[t] for i, t in zip(ok, top)}
+        layers = (e["layer"], "logits") if e["labels"] else (e["layer"],)
+        got = extract([images[i] for i in ok], e["model"], e["weights"], layers, False, e["seed"], endpoint,
+                      region, e["precision"])
+        vectors = dict(zip(ok, got[(e["layer"], False)]))
+        if e["labels"]:
+            categories = {i: e["labels"][int(t)] for i, t in zip(ok, got[("logits", False)].argmax(1))}
     rows = {"post_id": ids, "vector": [vectors[i].tolist() if i in vectors else None for i in range(len(ids))],
             "category": [categories.get(i) for i in range(len(ids))],
             "reason": [None if i in vectors else Reason.CORRUPT_IMAGE.value for i in range(len(ids))],
@@ -191,6 +172,7 @@ def explore(spark, cfg):
     from pyspark.sql.window import Window
 
     from dl.models import ModelError
+    from dl.weights import card
     from sparkml import progress, storage
     from sparkml.config import ConfigError
     from sparkml.features import extractor
@@ -199,20 +181,22 @@ def explore(spark, cfg):
 
     e = cfg.explore
     lake = Lake(cfg.lake)
-    uri = storage.qualify(e.images) if e.images else lake.table("images")
-    images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
-                                       "jobs/prepare_images.py for the archive first").select("post_id", "image")
+    labels = None  # the head's class names, when the weights' card has them: the clusters get labels
     if e.features == "model":
         try:
             extractor(e.model, e.weights, (e.layer,), e.seed, cfg.s3.endpoint, cfg.s3.region)
+            labels = card(e.model, e.weights, cfg.s3.endpoint, cfg.s3.region).labels
         except ModelError as err:
             raise ConfigError(f"explore: {err}") from None
+    uri = storage.qualify(e.images) if e.images else lake.table("images")
+    images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
+                                       "jobs/prepare_images.py for the archive first").select("post_id", "image")
     out, report, model_uri = lake.table("clusters"), lake.report("explore"), lake.model("kmeans")
     begin_output(spark, out)
     for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
         storage.delete(spark, o)
     opts = {"features": e.features, "pixels": e.pixels, "model": e.model, "weights": e.weights, "layer": e.layer,
-            "seed": e.seed, "precision": e.precision}
+            "seed": e.seed, "precision": e.precision, "labels": labels}
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(e.batch_rows))
     acc = progress.counter(spark, images.count())
@@ -275,15 +259,15 @@ def explore(spark, cfg):
         xy, sample.cluster.to_numpy(), [jpeg.get(p) if p in drawn else None for p in sample.post_id], e.k,
         f"t-SNE of {len(sample)} of {n} images ({what}), K-Means k = {e.k}"))
     storage.write_bytes(spark, f"{report}/silhouette.png", silhouette_png(silhouettes, e.k))
-    if e.features == "model" and e.weights == "imagenet":
+    if labels:
         cats = {c: [] for c in sizes}
         for r in clusters.select("cluster", "category").collect():
             cats[int(r["cluster"])].append(r["category"])
         labels, note = {str(c): v for c, v in cluster_labels(cats).items()}, None
     else:
         labels = None
-        note = ("no cluster labels: they are the ImageNet classes the network predicts, which needs "
-                "explore.features=model with explore.weights=imagenet" + (
+        note = ("no cluster labels: they are the classes the network predicts, which needs explore.features=model "
+                "with weights whose card names the head's classes (imagenet, or a staged ImageNet file)" + (
                     "; with random weights they would be meaningless" if e.features == "model" else ""))
     best = max(silhouettes, key=silhouettes.get)
     body = {"images": uri, "features": what, "rows": n, "k": e.k, "silhouettes": {str(k): v for k, v in

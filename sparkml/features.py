@@ -1,6 +1,7 @@
-"""CNN features of a dataset's images on Spark executors.
+"""CNN features of a dataset's images, or of any images table, on Spark executors.
 
     <lake>/datasets/<features.dataset>/{train,val,test} -> <lake>/tables/features
+    features.images (an images table: an archive, new images) -> the same, split and label null
         one row per image, layer and (with features.mirror) mirroring
 
 The per-batch work is `extract`, a plain function on JPEG bytes that needs torch and
@@ -68,7 +69,7 @@ def extractor(model: str, weights: str, layers: tuple[str, ...], seed: int = 0,
     task_threads()
     net = load_model(model, weights, endpoint=endpoint, region=region, seed=seed)
     fx = FeatureExtractor(net, layers).eval().to(on, memory_format=torch.channels_last)
-    return fx, preprocessing(model, weights)
+    return fx, preprocessing(model, weights, endpoint, region)
 
 
 def decode(data: bytes | None) -> np.ndarray | None:
@@ -128,31 +129,49 @@ def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple
     return pa.RecordBatch.from_pydict(rows, schema=RESULT_ARROW)
 
 
-def extract_features(spark, cfg) -> "Summary":
-    """<lake>/datasets/<features.dataset> -> <lake>/tables/features (+ rejects)."""
+def _inputs(spark, cfg):
+    """(post_id, split, label, image) of what features are extracted from, and where it is."""
     from pyspark.sql import functions as F
 
     from sparkml import storage
-    from sparkml.config import ConfigError
-    from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, per_record, union_all
+    from sparkml.lake import Lake, read_complete, union_all
     from sparkml.schemas import SPLITS
+
+    f, lake = cfg.features, Lake(cfg.lake)
+    if f.images:
+        uri = storage.qualify(f.images if "/" in f.images or ":" in f.images else lake.table(f.images))
+        images = read_complete(spark, uri, "run jobs/prepare_images.py for those images first")
+        return images.select("post_id", F.lit(None).cast("string").alias("split"),
+                             F.lit(None).cast("int").alias("label"), "image"), uri
+    root = lake.dataset(f.dataset)
+    parts = [read_complete(spark, f"{root}/{split}", f"run jobs/build_dataset.py first (dataset.name={f.dataset}), "
+                                                     "or give features.images", summary=root)
+             for split in SPLITS]
+    return union_all([df.select("post_id", F.lit(split).alias("split"), F.col("label").cast("int").alias("label"),
+                                "image") for split, df in zip(SPLITS, parts)]), root
+
+
+def extract_features(spark, cfg) -> "Summary":
+    """<lake>/datasets/<features.dataset> (or features.images) -> <lake>/tables/features (+ rejects)."""
+    from pyspark.sql import functions as F
+
+    from sparkml.config import ConfigError
+    from sparkml.lake import Lake, Summary, begin_output, per_record
 
     f = cfg.features
     lake = Lake(cfg.lake)
-    root = lake.dataset(f.dataset)
-    if not storage.exists(spark, f"{root}/_SUMMARY.json"):
-        raise IncompleteInput(f"{root} is missing or incomplete: run jobs/build_dataset.py first "
-                              f"(dataset.name={f.dataset})")
     from dl.models import ModelError
+    from dl.weights import card, describe
 
     try:
         extractor(f.model, f.weights, tuple(f.layers), f.seed, cfg.s3.endpoint, cfg.s3.region)  # fail here, once
+        weights = card(f.model, f.weights, cfg.s3.endpoint, cfg.s3.region)
     except ModelError as e:
         raise ConfigError(f"features: {e}") from None
+    print(f"extract_features: weights {f.weights}: {describe(weights)}", flush=True)
+    images, source = _inputs(spark, cfg)
     out = lake.table("features")
     begin_output(spark, out)
-    images = union_all([spark.read.parquet(f"{root}/{split}").select(
-        "post_id", F.lit(split).alias("split"), F.col("label").cast("int").alias("label"), "image") for split in SPLITS])
     layers = tuple(f.layers)
     args = (f.model, f.weights, layers, f.mirror, f.seed, cfg.s3.endpoint, cfg.s3.region, f.precision)
     with per_record(spark, lake, "extract_features", images, lambda b: extract_batch(b, *args), "features",
@@ -165,6 +184,6 @@ def extract_features(spark, cfg) -> "Summary":
     return Summary(stage="extract_features", input_rows=images.count(), output_rows=posts, rejected=rejected,
                    output=out, extra={"rows": rows, "rows_per_image": per_image, "model": f.model,
                                       "weights": f.weights, "seed": f.seed, "layers": list(layers), "mirror": f.mirror,
-                                      "dims": dims,
-                                      "precision": f.precision,
-                                      "dataset": f.dataset})
+                                      "dims": dims, "normalisation": weights.normalisation,
+                                      "weights_sha256": weights.sha256, "precision": f.precision,
+                                      "dataset": None if f.images else f.dataset, "images": source})

@@ -90,20 +90,22 @@ def forget_reads() -> None:
     _reads.clear()
 
 
-def read_complete(spark: SparkSession, uri: str, remedy: str) -> DataFrame:
-    """Parquet at uri that its writer finished (its _SUMMARY.json exists) from the inputs that
-    are there now; else IncompleteInput (a stale output names its job too)."""
-    if not storage.exists(spark, f"{uri}/{SUMMARY_FILE}"):
-        raise IncompleteInput(f"{uri} is missing or incomplete: {remedy}")
-    summary = read_summary(spark, uri)
+def read_complete(spark: SparkSession, uri: str, remedy: str, summary: str | None = None) -> DataFrame:
+    """Parquet at uri that its writer finished (its _SUMMARY.json exists, at `summary` when the
+    output is a folder of several: a dataset's splits) from the inputs that are there now; else
+    IncompleteInput (a stale output names its job too)."""
+    output = summary or uri
+    if not storage.exists(spark, f"{output}/{SUMMARY_FILE}"):
+        raise IncompleteInput(f"{output} is missing or incomplete: {remedy}")
+    summary = read_summary(spark, output)
     for name, run_id in (summary.get("inputs") or {}).items():
-        upstream = storage.resolve(uri, name)
+        upstream = storage.resolve(output, name)
         now = read_summary(spark, upstream).get("run_id") if storage.exists(spark, f"{upstream}/{SUMMARY_FILE}") \
             else None
         if run_id and now != run_id:
             raise IncompleteInput(f"{uri} is stale: it was made from {upstream}, which has been rewritten (or removed) "
                                   f"since; {remedy.replace(' first', ' again')}")
-    _reads[uri] = summary.get("run_id")
+    _reads[output] = summary.get("run_id")
     return spark.read.parquet(uri)
 
 

@@ -84,14 +84,41 @@ def _check(spark: SparkSession, cfg: Config, name: str, m) -> None:
     score gives numbers that mean nothing: refuse it, saying what to change."""
     size = cfg.prepare.size
     if name == SVM:
+        from dl.models import ModelError
+        from dl.weights import card
+
         f = cfg.features
         made = m["features"]
         if made.get("model") != [f.model] or made.get("weights") != [f.weights] or \
                 made.get("seed") not in (None, f.seed):
             raise ConfigError(f"score: {SVM} was trained on {made} features, features.model/weights/seed here are "
                               f"{f.model}/{f.weights}/{f.seed}: set them to what extract_features used")
+        try:
+            now = card(f.model, f.weights, cfg.s3.endpoint, cfg.s3.region)
+        except ModelError as e:
+            raise ConfigError(f"score: features: {e}") from None
+        if made.get("normalisation") != now.normalisation:
+            raise ConfigError(f"score: {SVM} was trained on features of images normalised as {made.get('normalisation')}"
+                              f", the card of {f.weights} now says {now.normalisation}: extract the features again")
+        if made.get("weights_sha256") != now.sha256:
+            raise ConfigError(f"score: {SVM} was trained on features of weights with sha256 "
+                              f"{made.get('weights_sha256')}, {f.weights} now has {now.sha256}: the weights file was "
+                              "replaced; extract the features and train the SVM again")
         return
     pre, labels = m.meta["preprocessing"], m.labels
+    if not isinstance(m.meta.get("card"), dict):
+        raise ConfigError(f"score: models/{name} has no weights card in its model.json (exported before cards "
+                          f"existed): export it again with {REMEDY[name]}")
+    from dl.weights import WeightsError, parse_card
+
+    try:
+        c = parse_card(m.meta, f"{m.root}/model.json")
+    except WeightsError as e:
+        raise ConfigError(f"score: models/{name}: {e}") from None
+    if c.normalisation != {"mean": pre.get("mean"), "std": pre.get("std")}:
+        raise ConfigError(f"score: models/{name}: model.json's preprocessing normalises by {pre.get('mean')} / "
+                          f"{pre.get('std')}, its weights card by {c.normalisation}: export it again with "
+                          f"{REMEDY[name]}")
     if pre.get("size") != size:
         raise ConfigError(f"score: models/{name} was trained on {pre.get('size')} px prepared images (crop "
                           f"{pre.get('crop')}), prepare.size is {size}: score with --set prepare.size={pre.get('size')}")

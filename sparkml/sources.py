@@ -78,16 +78,29 @@ def _instacities_roots(spark: SparkSession, root: str) -> tuple[str, str, bool]:
                       "(source.layout=instacities)")
 
 
-def _listing(spark: SparkSession, root: str, with_split: bool, cfg: Config) -> DataFrame:
-    """Files under root as (uri, size, split, city, post_id, ext, ok); ok = the layout's shape."""
+def _class_roots(spark: SparkSession, root: str) -> tuple[str, None, bool]:
+    """A labelled folder: <root>/<class>/<image>, or <root>/<split>/<class>/<image> when it has
+    a train/ folder; no captions."""
+    root = storage.qualify(root).rstrip("/")
+    if not storage.is_dir(spark, root):
+        raise ConfigError(f"source.path {root} is not a folder (source.layout=classes: <class>/<image> or "
+                          "<train|val|test>/<class>/<image>)")
+    return root, None, storage.is_dir(spark, f"{root}/train")
+
+
+def _listing(spark: SparkSession, root: str, with_split: bool, cfg: Config, class_ids: bool = False) -> DataFrame:
+    """Files under root as (uri, size, split, city, post_id, ext, ok); ok = the layout's shape.
+    post_id is the file's name without extension, or with class_ids <class>/<name> (a user's
+    class folders may repeat a file name)."""
     files = storage.list_files(root, cfg.s3.endpoint, cfg.s3.region)
     df = spark.createDataFrame(files or [], "uri string, size long")
     parts = F.split(F.substring("uri", len(root) + 2, 1 << 20), "/")
     name = F.element_at(parts, -1)
     ext = F.lower(F.regexp_extract(name, r"\.([A-Za-z0-9]+)$", 1))
     split = F.element_at(parts, 1) if with_split else F.lit(None).cast("string")
-    post_id = F.regexp_replace(name, r"\.[A-Za-z0-9]+$", "")
-    ok = (F.size(parts) == (3 if with_split else 2)) & ~post_id.startswith(".") & (post_id != "")
+    stem = F.regexp_replace(name, r"\.[A-Za-z0-9]+$", "")
+    post_id = F.concat_ws("/", F.element_at(parts, -2), stem) if class_ids else stem
+    ok = (F.size(parts) == (3 if with_split else 2)) & ~stem.startswith(".") & (stem != "")
     if with_split:
         ok = ok & split.isin(*SPLITS)
     return df.select("uri", "size", split.alias("split"), F.element_at(parts, -2).alias("city"),
@@ -95,14 +108,18 @@ def _listing(spark: SparkSession, root: str, with_split: bool, cfg: Config) -> D
 
 
 def ingest_instacities(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame]:
-    """(todo, rejects, input_keys): todo rows go to the content pass."""
-    img_root, cap_root, with_split = _instacities_roots(spark, cfg.source.path)
-    meta = _listing(spark, img_root, with_split, cfg)
+    """(todo, rejects, input_keys) of InstaCities1M folders or a labelled folder (source.layout
+    classes: the class folder's name is the post's city column, the label build_dataset uses):
+    todo rows go to the content pass."""
+    classes = cfg.source.layout == "classes"
+    img_root, cap_root, with_split = (_class_roots if classes else _instacities_roots)(spark, cfg.source.path)
+    meta = _listing(spark, img_root, with_split, cfg, class_ids=classes)
     is_image = F.col("ok") & F.col("ext").isin(*IMAGE_EXTENSIONS)
     good = meta.where(is_image)
     kept, dropped = _first_per_post(good, "uri")
     keys = ["split", "city", "post_id"] if with_split else ["city", "post_id"]
-    all_caps = _listing(spark, cap_root, with_split, cfg).where(F.col("ok") & (F.col("ext") == "txt"))
+    all_caps = (_listing(spark, cap_root, with_split, cfg) if cap_root else meta.limit(0)) \
+        .where(F.col("ok") & (F.col("ext") == "txt"))
     # 1.txt and 1.TXT for one post: one caption is kept (a lowercase .txt first), the others rejected
     caps, extra_caps = _first_per_post(all_caps.withColumn("uri_order", F.concat(
         (~F.col("uri").endswith(".txt")).cast("int").cast("string"), F.col("uri"))), "uri_order", tuple(keys))
@@ -487,7 +504,7 @@ def read_posts(spark: SparkSession, todo: DataFrame, cfg: Config) -> DataFrame:
 
 def plan(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
     """(todo, rejects, input_keys, extra) of cfg.source in its layout: what read_posts reads."""
-    if cfg.source.layout == "instacities":
+    if cfg.source.layout in ("instacities", "classes"):
         todo, rejects, inputs = ingest_instacities(spark, cfg)
         return todo, rejects, inputs, {"flags": {}}
     if cfg.source.layout == "manifest":

@@ -115,8 +115,9 @@ def _check_resume(spark: SparkSession, run_json: str, train: dict) -> None:
 def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
     """Everything a training process needs (picklable), after checking it can run."""
     from dl import data
-    from dl.models import IMAGENET_MEAN, IMAGENET_STD, ModelError
+    from dl.models import ModelError
     from dl.train import TASKS, TrainError, build
+    from dl.weights import card, describe
 
     t = cfg.train
     lake = Lake(cfg.lake)
@@ -150,9 +151,14 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
     world = 1 if t.mode == "inline" else t.processes
     try:
         data.plan(urls["train"], world, t.batch_size, cfg.s3.endpoint, cfg.s3.region)
+        weights = card(t.model, t.weights, cfg.s3.endpoint, cfg.s3.region)
         build(t, outputs, cfg.s3.endpoint, cfg.s3.region)  # the model, weights and freeze list can be had
     except (data.DatasetTooSmall, ModelError, TrainError) as e:
-        raise ConfigError(str(e)) from None
+        raise ConfigError(f"train: {e}") from None
+    size = _field_width(urls["train"], "image")
+    if t.crop > size:
+        raise ConfigError(f"train.crop={t.crop} is larger than the dataset's {size} px images: set train.crop <= {size}")
+    print(f"train_cnn: weights {t.weights}: {describe(weights)}", flush=True)
     if t.task == "city" and t.weights == "none" and t.freeze:
         print("train_cnn: note: the original's recipe (conv1-2 frozen, SGD lr 0.001) presumes ImageNet weights; from "
               "random weights it stays at chance: use --preset city-scratch", flush=True)
@@ -166,9 +172,10 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
         "table": lake.table("image_topics") if task.target == "topics" else None,
         "endpoint": cfg.s3.endpoint, "region": cfg.s3.region, "resume": resume, "gpu": gpu,
         "threads": _threads(spark, cfg), "rows": {s: int(built["splits"][s]) for s in SPLITS},
-        "preprocessing": {"size": _field_width(urls["train"], "image"), "crop": t.crop, "mean": list(IMAGENET_MEAN),
-                          "std": list(IMAGENET_STD), "note": "images prepared as prepare_images does (size x size), "
-                                                             "then the centre crop x crop"},
+        "card": weights.model_dump(),
+        "preprocessing": {"size": size, "crop": t.crop, **weights.normalisation,
+                          "note": "images prepared as prepare_images does (size x size), then the centre crop x crop, "
+                                  "normalised as the weights' card says"},
     }
 
 

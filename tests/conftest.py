@@ -92,6 +92,24 @@ def prepared(spark, sample, tmp_path_factory):
     return Lake(str(lake)), truth
 
 
+WEIGHTS: dict[str, str] = {}  # model -> URI of the shipped ImageNet weights staged for this session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def weights(tmp_path_factory) -> dict[str, str]:
+    """The real ImageNet weights of ../shared/data/weights (MobileNetV2, SqueezeNet 1.0) staged
+    with their cards once per session, as jobs/stage_weights.py stages them for the demo; run_job
+    points the profile's features and explore weights (the demo's ./data/weights path) at them."""
+    from dl.weights import stage
+
+    out = tmp_path_factory.mktemp("weights")
+    for model in ("mobilenet_v2", "squeezenet1_0"):
+        src = SHARED / "data" / "weights" / f"{model}_imagenet.pth"
+        assert src.is_file(), f"{src} is missing: ../shared/data/weights must be beside the repository"
+        WEIGHTS[model], _ = stage(str(src), str(out), name=model)
+    return dict(WEIGHTS)
+
+
 def load_job(name: str):
     """Import jobs/<name>.py as a module (jobs/ is not a package: spark-submit runs the files)."""
     spec = importlib.util.spec_from_file_location(f"job_{name}", ROOT / "jobs" / f"{name}.py")
@@ -101,7 +119,11 @@ def load_job(name: str):
 
 
 def run_job(name: str, *args: str) -> int:
-    return load_job(name).main(["--config", str(ROOT / "conf" / "local.yaml"), *args])
+    """jobs/<name>.py with conf/local.yaml, its weights (the demo's staged MobileNetV2) at this
+    session's staged copy; the test's own --set options come after and win."""
+    staged = ["--set", f"features.weights={WEIGHTS['mobilenet_v2']}", "--set",
+              f"explore.weights={WEIGHTS['mobilenet_v2']}"] if WEIGHTS else []  # a subprocess of a test: none staged
+    return load_job(name).main(["--config", str(ROOT / "conf" / "local.yaml"), *staged, *args])
 
 
 def planted(truth: dict, kind: str, layout: str = "instacities") -> list[dict]:

@@ -268,3 +268,24 @@ def test_the_packed_bundle_runs_a_stage_under_spark_submit(tmp_path, sample):
     summary = json.loads((lake / "tables" / "posts" / "_SUMMARY.json").read_text())
     assert summary["balanced"] and summary["input_rows"] == truth["manifest_rows"]
     assert info["bytes"] > 0 and info["python"] == "3.11"
+
+
+def test_staged_weights_travel_to_the_bucket_for_clusters_without_internet(tmp_path, weights, capsys):
+    """--weights FILE uploads the file and its card beside it to <bucket>/<prefix>/weights/ (both
+    launchers); a file without its card is refused with one line."""
+    staged = weights["mobilenet_v2"].removeprefix("file://")
+    bundle = _bundle(tmp_path)
+    assert launch.main(["--bucket", "b1", "--bundle", str(bundle), "--dry-run", "--weights", staged]) == 0
+    ups = {u["to"]: u["from"] for u in json.loads(capsys.readouterr().out)["uploads"]}
+    assert ups["s3://b1/instalearn/weights/mobilenet_v2.pth"] == staged
+    assert ups["s3://b1/instalearn/weights/mobilenet_v2.json"] == staged.removesuffix(".pth") + ".json"
+    assert submit.main(["--bucket", "gb", "--bundle", str(bundle), "--weights", staged]) == 0
+    out = capsys.readouterr().out
+    assert f"gcloud storage cp {staged} gs://gb/instalearn/weights/mobilenet_v2.pth" in out
+    assert "gs://gb/instalearn/weights/mobilenet_v2.json" in out
+    bare = tmp_path / "bare.pth"
+    bare.write_bytes(b"x")
+    for main in (launch.main, submit.main):
+        assert main(["--bucket", "b", "--dry-run", "--weights", str(bare)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "needs the file and its card bare.json" in err[0], err

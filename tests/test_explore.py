@@ -64,7 +64,7 @@ def test_pixel_clusters_keep_each_planted_group_whole_in_its_own_cluster(spark, 
     metrics = json.loads((_report(lake) / "metrics.json").read_text())
     assert set(metrics["silhouettes"]) == {"4", "10"} and all(-1 <= v <= 1 for v in metrics["silhouettes"].values())
     assert sum(metrics["sizes"].values()) == len(rows) and metrics["labels"] is None
-    assert "needs explore.features=model with explore.weights=imagenet" in metrics["labels_note"]
+    assert "needs explore.features=model with weights whose card names the head's classes" in metrics["labels_note"]
     assert metrics["features"] == "raw pixels 150x150"
     for name in ["tsne.png", "silhouette.png"] + [f"cluster_{c:02d}.png" for c in range(10)]:
         with Image.open(_report(lake) / name) as im:
@@ -76,6 +76,7 @@ def test_pixel_clusters_keep_each_planted_group_whole_in_its_own_cluster(spark, 
 def test_network_features_through_the_extraction_code(spark, archive):
     lake, truth, _ = archive
     assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.model=alexnet", "--set", "explore.k=3",
+                   "--set", "explore.weights=none", "--set", "explore.layer=fc7",
                    "--set", "explore.k_range=[2,3]", "--set", "explore.tsne_sample=60",
                    "--set", "explore.map_thumbnails=20") == 0
     rows = spark.read.parquet(str(lake / "tables" / "clusters")).toPandas()
@@ -84,3 +85,25 @@ def test_network_features_through_the_extraction_code(spark, archive):
     metrics = json.loads((_report(lake) / "metrics.json").read_text())
     assert metrics["features"] == "alexnet fc7 (none)" and "random weights" in metrics["labels_note"]
     assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.model=nonet") == 2
+
+
+def test_real_weights_name_the_clusters_by_what_is_in_them(spark, archive):
+    """The profile's exploration: MobileNetV2 features from the shipped ImageNet weights (staged,
+    with the card that names its head's classes). The cluster holding most ant photos is labelled
+    'ant', the one holding most bee photos 'bee' (the most frequent top-1 classes of its images);
+    the planted colour groups are not called either."""
+    lake, truth, groups = archive
+    assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.k=5", "--set", "explore.k_range=[5]",
+                   "--set", "explore.tsne_sample=60", "--set", "explore.map_thumbnails=20") == 0
+    rows = spark.read.parquet(str(lake / "tables" / "clusters")).toPandas().set_index("post_id")
+    metrics = json.loads((_report(lake) / "metrics.json").read_text())
+    assert metrics["features"].startswith("mobilenet_v2 prelogit") and metrics["labels_note"] is None
+    for insect, name in (("ants", "ant"), ("bees", "bee")):
+        members = rows[[p.startswith(insect + "_") for p in rows.index]]
+        assert len(members) == 192 if insect == "ants" else len(members) == 204
+        top = members.cluster.value_counts().index[0]
+        labels = [n for n, _ in metrics["labels"][str(top)]]
+        assert labels[0] == name, (insect, metrics["labels"])
+        assert (rows.category[members.index] == name).mean() > 0.5  # the network's own top-1 per photo
+    planted = rows.loc[sorted(set().union(*groups.values()))]
+    assert not planted.category.isin(["ant", "bee"]).any()

@@ -136,7 +136,8 @@ def test_likability_dataset_holds_the_selfies(spark, labelled):
 
 @pytest.fixture(scope="module")
 def featured(spark, labelled):
-    """A likability dataset 'liked' (default face filter) and its fc6/fc7 features, also mirrored."""
+    """A likability dataset 'liked' (default face filter) and its features, also mirrored: the
+    profile's network, the shipped ImageNet MobileNetV2 (staged), pooled before its head."""
     lake, truth = labelled
     args = ["--set", f"lake={lake.root}", "--set", "dataset.labels=likability", "--set", "dataset.name=liked",
             "--set", "dataset.ranks=1"]
@@ -145,16 +146,16 @@ def featured(spark, labelled):
     return lake, truth
 
 
-def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, featured):
-    """Every image of the dataset gets fc6 and fc7, also mirrored; each vector equals the one a
-    plain loop computes (PIL decode, torchvision's own transform, the network layer by layer)
-    to within cosine 0.999 and 2% of its norm (the two decoders and resizers differ by a grey
-    level here and there)."""
+def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, featured, weights):
+    """Every image of the dataset gets its prelogit vector, also mirrored; each equals the one a
+    plain loop computes (PIL decode, torchvision's transforms with the normalisation the weights'
+    README gives, x/127.5 - 1, the network's features and global average pool) to within cosine
+    0.999 and 2% of its norm (the two decoders and resizers differ by a grey level here and there)."""
     import io
 
     import torch
-    import torchvision
     from PIL import Image
+    from torchvision.transforms import v2
 
     from dl.models import load_model
 
@@ -163,29 +164,29 @@ def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, feat
     feats = spark.read.parquet(lake.table("features")).toPandas()
     images = spark.read.parquet(*[f"{lake.dataset('liked')}/{sp}" for sp in SPLITS]).toPandas().set_index("post_id")
     assert s["balanced"] and s["input_rows"] == s["output_rows"] == len(images) > 40 and s["rejected"] == {}
-    assert len(feats) == 4 * len(images) and set(feats.layer) == {"fc6", "fc7"} and set(feats.mirrored) == {True, False}
+    assert s["normalisation"] == {"mean": [0.5] * 3, "std": [0.5] * 3} and s["model"] == "mobilenet_v2"
+    assert len(feats) == 2 * len(images) and set(feats.layer) == {"prelogit"} and set(feats.mirrored) == {True, False}
     assert (feats.groupby(["layer", "mirrored"]).post_id.nunique() == len(images)).all()
     first = feats.groupby("post_id").label.first()
     assert (first.sort_index() == images.label.sort_index()).all()
 
-    net = load_model("alexnet", "none", seed=0)
-    ref = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.transforms()
+    net = load_model("mobilenet_v2", weights["mobilenet_v2"])
+    ref = v2.Compose([v2.Resize(256, antialias=True), v2.CenterCrop(224), v2.ToDtype(torch.float32, scale=True),
+                      v2.Normalize([0.5] * 3, [0.5] * 3)])
     for pid in sorted(images.index)[:12]:
         rgb = torch.from_numpy(np.asarray(Image.open(io.BytesIO(images.image[pid])).convert("RGB")).copy())
         for mirrored in (False, True):
             x = ref(rgb.permute(2, 0, 1))[None]
             x = torch.flip(x, dims=[3]) if mirrored else x
             with torch.inference_mode():
-                flat = torch.flatten(net.avgpool(net.features(x)), 1)
-                want = {"fc6": net.classifier[:3](flat)[0].numpy(), "fc7": net.classifier[:6](flat)[0].numpy()}
-            for layer, w in want.items():
-                (got,) = feats.vector[(feats.post_id == pid) & (feats.layer == layer) & (feats.mirrored == mirrored)]
-                got = np.asarray(got)
-                cos = got @ w / (np.linalg.norm(got) * np.linalg.norm(w))
-                assert got.shape == (4096,) and cos > 0.999 and np.linalg.norm(got - w) < 0.02 * np.linalg.norm(w)
+                w = net.features(x).mean((2, 3))[0].numpy()
+            (got,) = feats.vector[(feats.post_id == pid) & (feats.mirrored == mirrored)]
+            got = np.asarray(got)
+            cos = got @ w / (np.linalg.norm(got) * np.linalg.norm(w))
+            assert got.shape == (1280,) and cos > 0.999 and np.linalg.norm(got - w) < 0.02 * np.linalg.norm(w)
 
 
-SVM_SETS = ["--set", "svm.layers=[fc7]", "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]",
+SVM_SETS = ["--set", "svm.layers=[prelogit]", "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]",
             "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=50"]
 
 
@@ -215,10 +216,10 @@ def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark
     assert set(got) == {(a, v) for a in ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest")
                         for v in ("normal", "flipped+normal")} | {("mllib_svmwithsgd", "normal")}
     for (algo, variant), r in got.items():
-        assert r["test_rows"] == len(data["test"]) and r["layer"] == "fc7"
+        assert r["test_rows"] == len(data["test"]) and r["layer"] == "prelogit"
         assert r["train_rows"] == n_train * (2 if variant == "flipped+normal" else 1), (algo, variant)
         assert 0 < r["test_ap"] <= 1 and 0 < r["test_area_under_pr"] <= 1
-    assert report["test_positive_rate"]["fc7"] == pytest.approx(data["test"].label.mean())
+    assert report["test_positive_rate"]["prelogit"] == pytest.approx(data["test"].label.mean())
     for variant in ("normal", "flipped+normal"):
         assert got[("spark_linearsvc", variant)]["params"]["regParam"] == pytest.approx(1 / (0.0001 * n_train * (
             2 if variant == "flipped+normal" else 1)))
@@ -228,7 +229,7 @@ def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark
     summary = read_summary(spark, lake.model("likability_svm"))
     assert summary["balanced"] and summary["input_rows"] == sum(len(d) for d in data.values())
     assert summary["best"]["model"] in summary["models"].values() and len(summary["models"]) == 2
-    feats = spark.read.parquet(lake.table("features")).where("layer = 'fc7' and not mirrored and split = 'test'")
+    feats = spark.read.parquet(lake.table("features")).where("layer = 'prelogit' and not mirrored and split = 'test'")
     for name, path in summary["models"].items():
         model = PipelineModel.load(path)
         scored = model.transform(feats.withColumn("features", array_to_vector("vector"))).select(

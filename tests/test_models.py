@@ -78,26 +78,39 @@ def test_vgg_and_prelogit_layers():
 
 
 def test_checkpoints_load_from_a_path_and_from_s3(tmp_path, moto_endpoint):
+    """A state_dict saved as training saves it ({"model": ..., "epoch": 3}) beside its card."""
+    import json
+
     import boto3
+
+    from dl.weights import Card
 
     small = load_model("squeezenet1_1", "none")  # 5 MB: the moto server holds objects in memory
     buf = io.BytesIO()
     torch.save({"model": small.state_dict(), "epoch": 3}, buf)
+    c = json.dumps(Card(model="squeezenet1_1", mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)).model_dump()).encode()
     (tmp_path / "ckpt.pt").write_bytes(buf.getvalue())
+    (tmp_path / "ckpt.json").write_bytes(c)
     s3 = boto3.client("s3", endpoint_url=moto_endpoint)
     s3.create_bucket(Bucket="models")
     s3.put_object(Bucket="models", Key="squeezenet/ckpt.pt", Body=buf.getvalue())
+    s3.put_object(Bucket="models", Key="squeezenet/ckpt.json", Body=c)
     for uri, kw in ((str(tmp_path / "ckpt.pt"), {}), ("s3://models/squeezenet/ckpt.pt", {"endpoint": moto_endpoint})):
         loaded = load_model("squeezenet1_1", uri, **kw)
         assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), small.state_dict().values()))
         assert not loaded.training
+        assert preprocessing("squeezenet1_1", uri, **kw) == Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    (tmp_path / "missing.json").write_bytes(c)
     with pytest.raises(ModelError, match="no such file"):
         load_model("squeezenet1_1", str(tmp_path / "missing.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.json").write_bytes(c)
     with pytest.raises(ModelError, match="not a torch checkpoint"):
         load_model("squeezenet1_1", str(tmp_path / "junk.pt"))
+    (tmp_path / "alex.pt").write_bytes(buf.getvalue())
+    (tmp_path / "alex.json").write_bytes(c.replace(b"squeezenet1_1", b"alexnet"))
     with pytest.raises(ModelError, match="do not fit alexnet"):
-        load_model("alexnet", str(tmp_path / "ckpt.pt"))
+        load_model("alexnet", str(tmp_path / "alex.pt"))
     with pytest.raises(ModelError, match="unknown model"):
         load_model("alexnett", "none")
 

@@ -162,4 +162,11 @@ def test_a_damaged_model_file_exits_2_with_one_line(spark, trained, photos, tmp_
     capsys.readouterr()
     assert run_job("score", "--set", f"lake={lake}", "--set", f"score.input={folder}") == 2
     err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "models/city" in err[0] and "the file is damaged" in err[0], err  # its card's sha256
+    # without the sha256 in its card, the cut file is no checkpoint
+    meta = json.loads((lake / "models" / "city" / "model.json").read_text())
+    meta["card"]["sha256"] = None
+    (lake / "models" / "city" / "model.json").write_text(json.dumps(meta))
+    assert run_job("score", "--set", f"lake={lake}", "--set", f"score.input={folder}") == 2
+    err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "models/city" in err[0] and "not a torch checkpoint" in err[0], err

@@ -2,6 +2,7 @@
 batch, a SIGKILLed run resumed ends with the same weights, uneven shards, the three tasks end
 to end through TorchDistributor with 2 processes, exported models the scoring side can load."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -276,8 +277,7 @@ def test_likability_and_topics_train_with_two_processes_and_export_loadable_mode
     table = json.loads((tiny / "tables" / "image_topics" / "_SUMMARY.json").read_text())
     assert table["output_rows"] == 8 and table["balanced"]
     meta = json.loads((tiny / "models" / "topics" / "model.json").read_text())
-    model = load_model("googlenet", str(tiny / "models" / "topics" / "model.pt"), num_classes=TOPICS,
-                       **meta["model_kwargs"])
+    model = load_model("googlenet", str(tiny / "models" / "topics" / "model.pt"), num_classes=TOPICS)
     assert model(torch.zeros(1, 3, CROP, CROP)).shape == (1, TOPICS)
 
     # jobs/score.py on the test images gives what the training job's own evaluation gave:
@@ -301,6 +301,64 @@ def test_likability_and_topics_train_with_two_processes_and_export_loadable_mode
     summary = json.loads((tiny / "tables" / "scores" / "_SUMMARY.json").read_text())
     assert summary["balanced"] and summary["output_rows"] == 12 and summary["images_per_s"] > 0
     assert "jobs/train_svm.py" in summary["missing_models"]["likability_svm"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_staged_imagenet_checkpoint_fine_tunes_to_k_classes_and_its_card_travels_to_scoring(
+        tiny, spark, weights, where, moto_endpoint, tmp_path):
+    """The shipped MobileNetV2 (1000-class head, batch norm folded into its convolutions), staged on
+    a local disk or on S3, fine-tunes to the tiny dataset's 4 classes with the city-mobilenet recipe:
+    the exported network is the file's but for a new 4-way head (backbone and batch norm frozen,
+    running statistics included); model.json carries the weights' card (x/127.5 - 1, the class
+    names) and scoring feeds the network crops normalised that way, not with ImageNet's mean/std."""
+    import boto3
+
+    from dl import data
+    from dl.models import load_model
+    from dl.score import predict, read_exported
+    from dl.weights import stage
+
+    uri, sets = weights["mobilenet_v2"], []
+    if where == "s3":
+        boto3.client("s3", endpoint_url=moto_endpoint).create_bucket(Bucket="finetune")
+        uri, _ = stage(uri, "s3://finetune/weights", name="mobilenet_v2", endpoint=moto_endpoint)
+        sets = ["--set", f"s3.endpoint={moto_endpoint}", "--set", "s3.path_style_access=true"]
+    lake = tmp_path / "lake"
+    shutil.copytree(tiny / "datasets" / "even", lake / "datasets" / "even")
+    args = ["--task", "city", "--preset", "city-mobilenet", *sets,
+            *_sets(lake, dataset="even", weights=uri, mode="inline", processes=1, batch_size=8, epochs=3, lr=0.01)]
+    assert run_job("train_cnn", *args) == 0
+    root = lake / "models" / "city"
+    meta = json.loads((root / "model.json").read_text())
+    cities = json.loads((lake / "datasets" / "even" / "labels.json").read_text())
+    assert meta["preprocessing"]["mean"] == meta["preprocessing"]["std"] == [0.5, 0.5, 0.5]
+    card = meta["card"]
+    assert (card["mean"], card["std"], card["batchnorm"], card["categories"]) == (
+        [0.5] * 3, [0.5] * 3, "folded", cities)
+    assert card["sha256"] == hashlib.sha256((root / "model.pt").read_bytes()).hexdigest()
+    exported = torch.load(root / "model.pt", weights_only=True)["model"]
+    shipped = torch.load(weights["mobilenet_v2"].removeprefix("file://"), weights_only=True)
+    assert set(exported) == set(shipped) and exported["classifier.1.weight"].shape == (4, 1280)
+    for k, v in shipped.items():
+        if not k.startswith("classifier.1."):
+            assert torch.equal(exported[k], v), k  # running_mean / running_var too: batch norm stayed frozen
+    assert _summary(lake, "city")["test"]["top1"] >= 0.75  # 4 colours: chance is 0.25
+
+    m = read_exported(str(root))
+    net = load_model("mobilenet_v2", str(root / "model.pt"), num_classes=4)
+    images = [row["image"] for row in data.rows(f"{lake}/datasets/even/test", 0, 1, 0, 0, ["post_id", "image"], False)]
+    crops = np.stack([data.crop_image(im, CROP, None) for im in images])
+    with torch.inference_mode():
+        want = net(data.normalise(crops, (0.5,) * 3, (0.5,) * 3)).numpy()
+        imagenet = net(data.normalise(crops)).numpy()
+    got = predict(np.stack(images), m)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(got - imagenet).max() > 0.1
+
+    # a crop larger than the images is refused before anything is touched
+    before = {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
+    assert run_job("train_cnn", *args, "--set", f"train.crop={SIDE + 1}") == 2
+    assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 
 
 def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):

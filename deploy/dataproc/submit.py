@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bundle, check_flavor, check_profile,  # noqa: E402
                            cluster_stages, find_bundle, load_settings, refuse_secrets, render_profile, stage_args,
-                           stage_conf, uploads, version)
+                           stage_conf, uploads, version, weight_uploads)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # installed by Dataproc's GPU init action
 
@@ -91,8 +91,9 @@ def job_command(stage, s: dict, base: str, archive: str, profile: str, gpu: dict
 def commands(s: dict, args, pipeline, bundle: Path, profile: Path) -> list[tuple[str, list[str]]]:
     base = f"gs://{args.bucket}/{s['prefix']}/deploy/{version()}"
     gpu = None if args.serverless else gpu_settings(s)
+    root = f"gs://{args.bucket}/{s['prefix']}"
     out = [("upload", ["gcloud", "storage", "cp", str(u.local), u.remote])
-           for u in uploads(base, bundle, profile, pipeline, [HERE / "init.sh"])]
+           for u in uploads(base, bundle, profile, pipeline, [HERE / "init.sh"]) + weight_uploads(args.weights, root)]
     if not args.serverless and not args.cluster:
         out.append(("create cluster", create_cluster(s, base, gpu)))
     if args.cluster:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bundle,  # noqa: E402
                            check_profile, check_flavor, cluster_stages, find_bundle, load_settings, redact,
-                           refuse_secrets, render_profile, stage_args, stage_conf, uploads, version)
+                           refuse_secrets, render_profile, stage_args, stage_conf, uploads, version, weight_uploads)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # shipped with EMR's Spark
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         check_flavor(s.get("bundle", "gpu"), pipeline)
         profile = render_profile(Path(args.config), bucket, ROOT / ".cache" / "deploy" / "emr")
         executors = int(s.get("executors", 4))
-        items = uploads(base, bundle, profile, pipeline, [HERE / "bootstrap.sh"])
+        items = uploads(base, bundle, profile, pipeline, [HERE / "bootstrap.sh"]) + weight_uploads(args.weights, root)
         if args.serverless:
             request = {"uploads": _upload_json(items),
                        "start_job_run": serverless_requests(s, pipeline, base, bundle.name, profile.name, log_uri)}
