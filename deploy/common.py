@@ -32,9 +32,14 @@ class DeployError(Exception):
 
 # ------------------------------------------------------------------------------------ secrets
 
-_SECRET_KEY = re.compile(r"(secret|password|passwd|access[_-]?key|session[_-]?token|private[_-]?key|credential|"
-                         r"api[_-]?key|token)", re.I)
-_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s*:")
+_SECRET_WORDS = (r"(?:secret|password|passwd|access[._-]?key|session[._-]?token|private[._-]?key|credential|"
+                 r"api[._-]?key|token)")
+_SECRET_KEY = re.compile(_SECRET_WORDS, re.I)
+# an AWS access key id, a PEM private key, a service-account JSON, or a 40-character AWS secret access
+# key (base64 letters with upper and lower case and a digit or / +: not a 40-hex-digit git sha)
+_SECRET_VALUE = re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\"private_key\"\s*:|"
+                           r"(?<![A-Za-z0-9/+])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
+                           r"(?=[A-Za-z0-9/+]{0,39}[0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])")
 
 
 def refuse_secrets(tree, where: str, path: str = "") -> None:
@@ -56,8 +61,9 @@ def refuse_secrets(tree, where: str, path: str = "") -> None:
                           f"environment, an instance profile or workload identity")
 
 
-def load_settings(path: str | Path, overrides: list[str] = ()) -> dict:
-    """A YAML settings file (safe_load) with key=value overrides (dotted keys), secrets refused."""
+def load_settings(path: str | Path, overrides: list[str] = (), schema: type | None = None) -> dict:
+    """A YAML settings file (safe_load) with key=value overrides (dotted keys), secrets refused,
+    validated against `schema` (a pydantic model: unknown keys and wrong types are one line)."""
     try:
         tree = read_yaml(path)
     except ConfigError as e:
@@ -74,7 +80,46 @@ def load_settings(path: str | Path, overrides: list[str] = ()) -> dict:
                 raise DeployError(f"--set {key}: {part} is not a section")
         node[last] = yaml.safe_load(value) if value else ""
     refuse_secrets(tree, str(path))
-    return tree
+    if schema is None:
+        return tree
+    from pydantic import ValidationError
+
+    try:
+        return schema.model_validate(tree).model_dump()
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "the settings"
+        if first["type"] == "extra_forbidden":
+            raise DeployError(f"{path}: unknown setting {loc!r}") from None
+        if first["type"] == "missing":
+            raise DeployError(f"{path}: setting {loc!r} is missing") from None
+        raise DeployError(f"{path}: setting {loc!r}: {first['msg']} (got {first.get('input')!r})") from None
+
+
+# ------------------------------------------------------------------------------------ bucket names
+
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def check_bucket(name: str, store: str) -> str:
+    """The bucket name, or DeployError when S3's (store "s3") or GCS's ("gs") naming rules refuse
+    it: lower-case letters, digits, hyphens and dots (GCS: also underscores), 3-63 characters
+    (GCS: up to 222 with dots, 63 between dots), a letter or digit at both ends, no '..', not an
+    IP address; S3 also no 'xn--' / 'sthree-' prefix and no '-s3alias' / '--ol-s3' suffix; GCS
+    no 'goog' prefix and no 'google' in it."""
+    rule = _S3_BUCKET if store == "s3" else _GCS_BUCKET
+    bad = (not isinstance(name, str) or not rule.match(name) or ".." in name or _IP.match(name)
+           or (store == "s3" and (name.startswith(("xn--", "sthree-")) or name.endswith(("-s3alias", "--ol-s3"))))
+           or (store == "gs" and (name.startswith("goog") or "google" in name
+                                  or any(len(part) > 63 for part in name.split(".")))))
+    if bad:
+        what = "S3" if store == "s3" else "GCS"
+        raise DeployError(f"bucket {name!r} is not a valid {what} bucket name (lower-case letters, digits, hyphens"
+                          f"{', underscores' if store == 'gs' else ''} and dots, 3-63 characters, a letter or digit "
+                          "at both ends)")
+    return name
 
 
 def check_profile(path: str | Path) -> dict:
@@ -119,12 +164,22 @@ def check_bundle(bundle: Path, python: str, dry_run: bool) -> None:
                               f"`python -m deploy.bundle --python python{python}`")
 
 
+def _fill(tree, bucket: str):
+    if isinstance(tree, dict):
+        return {k: _fill(v, bucket) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_fill(v, bucket) for v in tree]
+    return tree.replace("YOUR-BUCKET", bucket) if isinstance(tree, str) else tree
+
+
 def render_profile(profile: Path, bucket: str, out: Path) -> Path:
-    """The jobs' profile with YOUR-BUCKET replaced by the bucket, written for upload."""
-    text = profile.read_text().replace("YOUR-BUCKET", bucket)
+    """The jobs' profile with YOUR-BUCKET replaced by the bucket in its values, written for upload
+    by a YAML serializer (a value can never become a key or a comment)."""
+    tree = load_settings(profile)
     out.mkdir(parents=True, exist_ok=True)
     target = out / profile.name
-    target.write_text(text)
+    target.write_text(f"# {profile.name} with the bucket filled in by the launcher\n"
+                      + yaml.safe_dump(_fill(tree, bucket), sort_keys=False))
     check_profile(target)
     return target
 
@@ -231,6 +286,13 @@ def check_flavor(flavor: str, pipeline: list[Stage]) -> None:
                           f"(cluster.yaml bundle), or --stages without them")
 
 
+_NAMED_SECRET = re.compile(r'(?P<json>"[^"]*' + _SECRET_WORDS + r'[^"]*"\s*:\s*)"[^"]*"'
+                           r'|(?P<kv>[^\s=]*' + _SECRET_WORDS + r'[^\s=]*=)\S+', re.I)
+
+
 def redact(text: str) -> str:
-    """Anything key-shaped in a line we print (an error from a cloud API) is masked."""
-    return _SECRET_VALUE.sub("[redacted]", text)
+    """What a launcher prints or logs, masked: key-shaped values (an error from a cloud API, a
+    request), and the value of any JSON key or key=value setting that names a secret or credential
+    anywhere in its path."""
+    text = _SECRET_VALUE.sub("[redacted]", text)
+    return _NAMED_SECRET.sub(lambda m: f'{m["json"]}"[redacted]"' if m["json"] else f'{m["kv"]}[redacted]', text)

@@ -80,6 +80,43 @@ def latest(root: str, endpoint: str | None = None, region: str | None = None) ->
     return found[-1][1] if found else None
 
 
+def load_latest(root: str, endpoint: str | None = None, region: str | None = None,
+                map_location: str = "cpu") -> tuple[str | None, dict | None, list[str]]:
+    """(URI, state) of the newest checkpoint under root that loads, and the newer ones that did
+    not (a file cut short by a full disk, a bad copy), each as a line saying why; (None, None,
+    [...]) when none loads."""
+    damaged = []
+    for _, uri in reversed(_steps(root, endpoint, region)):
+        try:
+            return uri, load(uri, endpoint, region, map_location), damaged
+        except CheckpointError as e:
+            damaged.append(str(e))
+    return None, None, damaged
+
+
+RUN = re.compile(r"^run-(\d{4,})$")
+
+
+def runs(root: str, endpoint: str | None = None, region: str | None = None) -> list[str]:
+    """The run folders under root (<root>/run-NNNN/, one per training run), oldest first."""
+    found = set()
+    for uri, _ in storage.list_files(root, endpoint, region):
+        rel = uri[len(storage.qualify(root).rstrip("/")) + 1:]
+        if "/" in rel and RUN.match(rel.split("/", 1)[0]):
+            found.add(rel.split("/", 1)[0])
+    return [f"{storage.qualify(root).rstrip('/')}/{r}" for r in sorted(found, key=lambda r: int(r[4:]))]
+
+
+def run_folder(root: str, resume: bool, endpoint: str | None = None, region: str | None = None) -> str:
+    """Where a training run keeps its checkpoints: the newest run folder to resume, else a new one
+    (the older runs' stay until this one completes: a failed run never costs the last good ones)."""
+    have = runs(root, endpoint, region)
+    if resume and have:
+        return have[-1]
+    last = int(have[-1].rsplit("run-", 1)[1]) if have else 0
+    return f"{storage.qualify(root).rstrip('/')}/run-{last + 1:04d}"
+
+
 def prune(root: str, keep: int, endpoint: str | None = None, region: str | None = None) -> None:
     """Delete all but the newest `keep` checkpoints under root."""
     for _, uri in _steps(root, endpoint, region)[:-keep]:

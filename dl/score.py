@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +39,15 @@ class Exported:
 
 
 def read_exported(root: str, endpoint: str | None = None, region: str | None = None) -> Exported | None:
-    """The model exported under root (model.json and model.pt), None when there is none."""
+    """The model exported under root (model.json and model.pt), None when there is none;
+    dl.export.ExportError when its model.json does not fit the trainer's schema."""
+    from dl.export import parse_meta
+
     root = storage.qualify(root).rstrip("/")
     raw = storage.read_uri(f"{root}/model.json", endpoint, region)
     if raw is None or storage.read_uri(f"{root}/_SUMMARY.json", endpoint, region) is None:
         return None  # not exported, or a training run that has not finished
-    return Exported(root, json.loads(raw), hashlib.blake2b(raw, digest_size=6).hexdigest())
+    return Exported(root, parse_meta(raw, f"{root}/model.json"), hashlib.blake2b(raw, digest_size=6).hexdigest())
 
 
 @functools.lru_cache(maxsize=4)

@@ -134,6 +134,11 @@ def optimizer(t, params, world: int) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
+def finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of the tensors is finite (one reduction, not one per tensor)."""
+    return not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
+
+
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
 
@@ -200,8 +205,14 @@ class Run:
         self.pos = {"epoch": 0, "batch": 0, "iteration": 0, "loss_sum": 0.0, "correct": 0, "rows": 0,
                     "history": [], "best": None}
         self.resumed_from = None
-        if spec.get("resume") and (uri := checkpoint.latest(spec["checkpoints"], **self.io)):
-            state = checkpoint.load(uri, **self.io)
+        uri, state, damaged = checkpoint.load_latest(spec["checkpoints"], **self.io) if spec.get("resume") \
+            else (None, None, [])
+        for why in damaged if self.rank0 else ():
+            self.say(f"train_cnn: --resume: skipped a damaged checkpoint ({why})")
+        if damaged and uri is None:
+            raise TrainError(f"--resume: no checkpoint under {spec['checkpoints']} loads ({damaged[0]}): run "
+                             "without --resume to start over")
+        if state is not None:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
@@ -265,6 +276,10 @@ class Run:
                 pos["correct"] += int((logits.detach().argmax(1) == y).sum())
             pos["batch"] = i + 1
             if last:
+                # the gradients are the ranks' average here: every rank sees the same and stops together
+                if not finite([q.grad for q in self.model.parameters() if q.grad is not None]):
+                    raise TrainError(f"epoch {e + 1} batch {i + 1}: the loss ({float(loss.detach()):.4g}) or its gradients "
+                                     f"are NaN or infinite: training diverged; lower train.lr (now {t.lr})")
                 self.opt.step()
                 self.opt.zero_grad()  # None grads (the default since torch 2.0; Horovod takes no argument)
                 self.sched.step()
@@ -276,6 +291,9 @@ class Run:
                 if t.checkpoint_every and pos["iteration"] % t.checkpoint_every == 0 and i + 1 < self.batches:
                     self.save()
         loader.close()
+        if not finite(list(self.model.parameters())):
+            raise TrainError(f"epoch {e + 1}: the weights hold NaN or infinite values: training diverged; lower "
+                             f"train.lr (now {t.lr}); nothing was exported from this epoch")
         seconds = time.perf_counter() - t0
         n = max(1, pos["rows"])
         train_loss = float(self.b.mean(torch.tensor(pos["loss_sum"] / max(1, pos["batch"]), dtype=torch.float64)))
@@ -412,7 +430,10 @@ class Run:
         scoring job: it is model.pt's weights card)."""
         from sparkml import storage
 
+        from dl.export import ModelMeta
+
         meta = self.meta(epoch, val)
+        ModelMeta.model_validate(meta)  # what scoring will check it against
         buf = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "meta": meta}, buf)
         data = buf.getvalue()

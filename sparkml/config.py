@@ -34,7 +34,9 @@ NonBlank = Annotated[str, AfterValidator(_not_blank)]
 
 class Section(BaseModel):
     # `--set lake=2024` or a numeric bucket name: YAML reads a number, the key wants text
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # NaN and infinity are no setting (train.lr=.inf would train to NaN)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
 
 
 class Source(Section):
@@ -331,7 +333,9 @@ class Explore(Section):
     seed: int = Field(0, description="seed of the random init, K-Means, the map's sample and t-SNE")
     pixels: int = Field(150, ge=8, description="side of the raw-pixel features")
     k: int = Field(10, ge=2, description="clusters kept (the original: 10)")
-    k_range: list[int] = Field([4, 6, 8, 10, 12, 14], description="k values whose silhouette is measured")
+    k_range: list[Annotated[int, Field(ge=2)]] = Field(
+        [4, 6, 8, 10, 12, 14], min_length=1, description="k values (each >= 2) whose silhouette is measured; those "
+                                                         "the images cannot hold are skipped and named in the report")
     max_iter: int = Field(40, ge=1, description="K-Means iterations")
     tsne_sample: int = Field(2000, ge=4, description="images on the t-SNE map (a hash of post_id picks them)")
     perplexity: float = Field(30.0, gt=1, description="t-SNE perplexity (lowered for small samples)")

@@ -151,6 +151,9 @@ def build_dataset(spark: SparkSession, cfg: Config) -> Summary:
         counts[split] = materialize(spark, rows.where(F.col("split") == split), f"{root}/{split}", schema,
                                     d.row_group_mb, groups)
     by_label = {label_names[r["label"]]: int(r["count"]) for r in rows.groupBy("label").count().collect()}
+    if len(by_label) < 2:
+        print(f"build_dataset: warning: {name} holds one class only ({sorted(by_label) or 'none'}): no classifier can "
+              "be trained on it (train_cnn refuses it)", flush=True)
     rows.unpersist()
     storage.write_bytes(spark, f"{root}/labels.json", json.dumps(label_names, indent=1).encode())
     rejected = write_rejected(spark, lake, f"build_dataset_{name}", rejects)

@@ -192,9 +192,6 @@ def explore(spark, cfg):
     images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
                                        "jobs/prepare_images.py for the archive first").select("post_id", "image")
     out, report, model_uri = lake.table("clusters"), lake.report("explore"), lake.model("kmeans")
-    begin_output(spark, out)
-    for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
-        storage.delete(spark, o)
     opts = {"features": e.features, "pixels": e.pixels, "model": e.model, "weights": e.weights, "layer": e.layer,
             "seed": e.seed, "precision": e.precision, "labels": labels}
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
@@ -203,14 +200,24 @@ def explore(spark, cfg):
     result = images.mapInArrow(lambda bs: progress.counted(bs, lambda b: explore_batch(b, opts, endpoint, region), acc),
                                PASS).persist(StorageLevel.DISK_ONLY)
     n_input = images.count()
-    rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
-                              .select("post_id", "reason", "detail"))
     data = result.where(F.col("reason").isNull()).select("post_id", "category", array_to_vector("vector")
                                                          .alias("features")).persist(StorageLevel.MEMORY_AND_DISK)
     n = data.count()
-    ks = sorted({k for k in e.k_range if 2 <= k < n} | ({e.k} if e.k < n else set()))
-    if e.k >= n:
-        raise ConfigError(f"explore.k={e.k} clusters need more than {n} images (explore.images has {n} usable)")
+    # K-Means cannot place k centres on fewer distinct points (copies of one image are one point)
+    distinct = data.select(F.xxhash64(vector_to_array("features")).alias("h")).distinct().count()
+    if e.k >= distinct:
+        raise ConfigError(f"explore.k={e.k} clusters need more than {e.k} distinct images: explore.images has {n} "
+                          f"usable images, {distinct} distinct")
+    skipped = {k: f"needs more than {k} distinct images, there are {distinct}" for k in e.k_range if k >= distinct}
+    if skipped:
+        print(f"explore: silhouettes of k {sorted(skipped)} skipped: {distinct} distinct images", flush=True)
+    ks = sorted({k for k in e.k_range if k not in skipped} | {e.k})
+    # the run can go ahead: only now are the previous outputs replaced
+    begin_output(spark, out)
+    for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
+        storage.delete(spark, o)
+    rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
+                              .select("post_id", "reason", "detail"))
     evaluator = ClusteringEvaluator(featuresCol="features", predictionCol="cluster", metricName="silhouette",
                                     distanceMeasure="squaredEuclidean")
     silhouettes, fitted = {}, None
@@ -274,6 +281,7 @@ def explore(spark, cfg):
                                                                                     silhouettes.items()},
             "best_silhouette_k": best, "sizes": {str(c): v for c, v in sorted(sizes.items())},
             "labels": labels, "labels_note": note, "tsne_sample": len(sample), "sheets": sheets,
+            "skipped_k": {str(k): why for k, why in skipped.items()},
             "map": "tsne.png", "silhouette_plot": "silhouette.png"}
     storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1).encode())
     storage.write_bytes(spark, f"{report}/metrics.md", markdown(body).encode())
@@ -285,7 +293,8 @@ def explore(spark, cfg):
     return Summary(stage="explore", input_rows=n_input, output_rows=sum(sizes.values()), rejected=rejected,
                    output=out, extra={"report": report, "model": model_uri, "k": e.k, "features": what,
                                       "silhouettes": body["silhouettes"], "best_silhouette_k": best,
-                                      "sizes": body["sizes"], "labels": labels, "tsne_sample": len(sample)})
+                                      "sizes": body["sizes"], "labels": labels, "tsne_sample": len(sample),
+                                      "skipped_k": body["skipped_k"]})
 
 
 def markdown(body: dict) -> str:
@@ -299,4 +308,6 @@ def markdown(body: dict) -> str:
         lines.append(f"| {c} | {size} | {lab} |")
     if body["labels_note"]:
         lines += ["", body["labels_note"]]
+    if body.get("skipped_k"):
+        lines += ["", "k not measured: " + "; ".join(f"{k} ({why})" for k, why in body["skipped_k"].items())]
     return "\n".join(lines) + "\n"

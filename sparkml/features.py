@@ -120,9 +120,16 @@ def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple
                      ("reason", reason), ("detail", detail)):
             rows[k].append(v)
 
+    finite = np.ones(len(ok), bool)  # an image with a NaN or infinite value in any of its vectors is rejected
+    for mat in feats.values():
+        finite &= np.isfinite(mat).all(1)
     for (layer, mirrored), mat in feats.items():
         for j, i in enumerate(ok):
-            add(i, layer, mirrored, mat[j].tolist())
+            if finite[j]:
+                add(i, layer, mirrored, mat[j].tolist())
+    for j in np.flatnonzero(~finite):
+        add(ok[j], reason=Reason.NON_FINITE_FEATURES.value,
+            detail=f"{model} ({weights}) gave NaN or infinite values for this image")
     for i, p in enumerate(pixels):
         if p is None:
             add(i, reason=Reason.CORRUPT_IMAGE.value, detail="the dataset's JPEG did not decode")

@@ -90,22 +90,31 @@ def forget_reads() -> None:
     _reads.clear()
 
 
+def staleness(spark: SparkSession, output: str) -> str | None:
+    """Why the output is not a complete one made from the inputs there now ('missing or
+    incomplete', or 'stale: made from X, which has been rewritten'), None when it is."""
+    if not storage.exists(spark, f"{output}/{SUMMARY_FILE}"):
+        return "missing or incomplete"
+    for name, run_id in (read_summary(spark, output).get("inputs") or {}).items():
+        upstream = storage.resolve(output, name)
+        now = read_summary(spark, upstream).get("run_id") if storage.exists(spark, f"{upstream}/{SUMMARY_FILE}") \
+            else None
+        if run_id and now != run_id:
+            return f"stale: it was made from {upstream}, which has been rewritten (or removed) since"
+    return None
+
+
 def read_complete(spark: SparkSession, uri: str, remedy: str, summary: str | None = None) -> DataFrame:
     """Parquet at uri that its writer finished (its _SUMMARY.json exists, at `summary` when the
     output is a folder of several: a dataset's splits) from the inputs that are there now; else
     IncompleteInput (a stale output names its job too)."""
     output = summary or uri
-    if not storage.exists(spark, f"{output}/{SUMMARY_FILE}"):
-        raise IncompleteInput(f"{output} is missing or incomplete: {remedy}")
-    summary = read_summary(spark, output)
-    for name, run_id in (summary.get("inputs") or {}).items():
-        upstream = storage.resolve(output, name)
-        now = read_summary(spark, upstream).get("run_id") if storage.exists(spark, f"{upstream}/{SUMMARY_FILE}") \
-            else None
-        if run_id and now != run_id:
-            raise IncompleteInput(f"{uri} is stale: it was made from {upstream}, which has been rewritten (or removed) "
-                                  f"since; {remedy.replace(' first', ' again')}")
-    _reads[output] = summary.get("run_id")
+    why = staleness(spark, output)
+    if why is not None:
+        stale = why.startswith("stale")
+        raise IncompleteInput(f"{output} is {why}{'; ' if stale else ': '}"
+                              f"{remedy.replace(' first', ' again') if stale else remedy}")
+    _reads[output] = read_summary(spark, output).get("run_id")
     return spark.read.parquet(uri)
 
 
@@ -282,6 +291,12 @@ def release_locks() -> None:
         lease = _leases.popitem()[1]
         if lease is not None:
             lease.release()
+
+
+def lock_output(spark: SparkSession, output: str) -> None:
+    """Take the output's lock (a second run at once refuses), leaving the output as it is: for a
+    stage that writes beside it and replaces it only when done (train_cnn)."""
+    _lock(spark, output)
 
 
 def begin_output(spark: SparkSession, output: str) -> None:

@@ -20,6 +20,7 @@ from sparkml import storage
 from sparkml.lake import Lake
 
 FILES = "report_files"
+NEW, OLD = ".new", ".old"  # the report being written beside the old one, and the old one while it is swapped
 # The original's example queries (Gomez et al., text-to-image retrieval figures).
 QUERIES = ("rain", "snow", "skyline night", "car yellow", "sunrise beach", "woman bag")
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -61,14 +62,31 @@ class Page:
     lake: Lake
     sections: list[tuple[str, str]] = field(default_factory=list)
     not_run: list[tuple[str, str]] = field(default_factory=list)
+    stale: list[tuple[str, str]] = field(default_factory=list)  # (what, why) not shown: stale, partial, broken
     files: list[str] = field(default_factory=list)
 
     def write(self, name: str, data: bytes) -> str:
-        """A file beside the report; returns its relative path."""
+        """A file beside the report (written to the new report's folder of files, which replaces
+        the old one only once the page is complete); returns its relative path."""
         rel = f"{FILES}/{name}"
-        storage.write_bytes(self.spark, f"{self.lake.report()}/{rel}", data)
+        storage.write_bytes(self.spark, f"{self.lake.report()}/{FILES}{NEW}/{name}", data)
         self.files.append(rel)
         return rel
+
+    def complete(self, rel: str) -> bool:
+        """Whether the output at <lake>/rel is complete and made from the inputs there now; the
+        reason it is not goes to the report's list of what it does not show."""
+        from sparkml.lake import staleness
+
+        why = staleness(self.spark, f"{self.lake.root}/{rel}")
+        if why is not None and why != "missing or incomplete":
+            self.stale.append((rel, why))
+        elif why is not None and self.exists(f"{self.lake.root}/{rel}"):
+            self.stale.append((rel, "incomplete: its stage did not finish (no _SUMMARY.json)"))
+        return why is None
+
+    def exists(self, uri: str) -> bool:
+        return storage.exists(self.spark, uri)
 
     def img(self, rel: str, alt: str, width: int | None = None) -> str:
         w = f' width="{width}"' if width else ""
@@ -180,9 +198,9 @@ def accounting(page: Page) -> str | None:
     lake = page.lake
     rows = []
     for stage, rel in ACCOUNTED:
-        s = page.json(f"{lake.root}/{rel}/_SUMMARY.json")
-        if s is None:
+        if not page.complete(rel):
             continue
+        s = page.json(f"{lake.root}/{rel}/_SUMMARY.json")
         rej = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rejected", {}).items())) or "-"
         dup = ", ".join(f"{k} {v}" for k, v in sorted(s.get("duplicates", {}).items())) or "-"
         ok = "yes" if s.get("balanced") else Raw('<span class="bad">NO</span>')
@@ -254,9 +272,9 @@ def duplicate_examples(page: Page, n: int = 4) -> str:
 def city(page: Page) -> str | None:
     from sparkml.training import PUBLISHED
 
-    m = page.json(f"{page.lake.report('train_city')}/metrics.json")
-    if m is None:
+    if not page.complete("models/city"):
         return None
+    m = page.json(f"{page.lake.report('train_city')}/metrics.json")
     test, pub = m["test"], PUBLISHED["city"]
     labels = list(test["per_class"])
     out = [f"<p>Test top-1 <b>{fmt(test['top1'])}</b> on {test['rows']} test images (published 26.3% on a 200K "
@@ -278,9 +296,9 @@ def curves(page: Page, task: str) -> list[str]:
 def retrieval(page: Page, cfg) -> str | None:
     from sparkml.retrieval import PUBLISHED
 
-    m = page.json(f"{page.lake.report('retrieval_eval')}/metrics.json")
-    if m is None:
+    if not page.complete("reports/retrieval_eval"):
         return None
+    m = page.json(f"{page.lake.report('retrieval_eval')}/metrics.json")
     rows = [[c, v["precision_at_100"], v["average_precision"], v["relevant"], v["chance_precision"]]
             for c, v in m["per_city"].items()]
     rows.append([Raw("<b>mean</b>"), m["mean"]["mean_precision_at_100"], m["mean"]["mean_average_precision"], "", ""])
@@ -320,16 +338,11 @@ def query_sheets(page: Page, cfg, k: int = 10) -> list[str]:
 
 
 def likability(page: Page) -> str | None:
-    from pyspark.ml import PipelineModel
-    from pyspark.ml.functions import array_to_vector, vector_to_array
-    from pyspark.sql import functions as F
-
-    from sparkml.retrieval import jpegs
     from sparkml.svm import PUBLISHED, TITLES
 
     spark, lake = page.spark, page.lake
-    m = page.json(f"{lake.report('likability_svm')}/metrics.json")
-    cnn = page.json(f"{lake.report('train_likability')}/metrics.json")
+    m = page.json(f"{lake.report('likability_svm')}/metrics.json") if page.complete("models/likability_svm") else None
+    cnn = page.json(f"{lake.report('train_likability')}/metrics.json") if page.complete("models/likability") else None
     if m is None and cnn is None:
         return None
     out = []
@@ -342,22 +355,7 @@ def likability(page: Page) -> str | None:
         rate = ", ".join(f"{k} {fmt(v)}" for k, v in m["test_positive_rate"].items())
         out += [f"<p>Average precision on the test split (positive rate {rate}: a classifier that knows nothing "
                 "scores about that).</p>", table(["classifier", "layer", "variant", "test AP", "published"], rows)]
-        best = m["best"]
-        feats = spark.read.parquet(lake.table("features")).where(
-            (F.col("layer") == best["layer"]) & ~F.col("mirrored") & (F.col("split") == "test"))
-        scored = PipelineModel.load(best["model"]).transform(feats.withColumn("features", array_to_vector("vector"))) \
-            .select("post_id", "label", vector_to_array("rawPrediction")[1].alias("s")).orderBy(F.col("s").desc(),
-                                                                                                 "post_id").collect()
-        n_top = min(25, (len(scored) + 1) // 2)
-        top, bottom = scored[:n_top], scored[::-1][:min(25, len(scored) - n_top)]
-        images = jpegs(spark.read.parquet(lake.table("images")), [r["post_id"] for r in top + bottom])
-        title = f"best SVM ({best['layer']}, {best['variant']})"
-        out += [f"<h3>Top {len(top)} test images by the {esc(title)}</h3>",
-                sheet(page, "likability_top.png", f"top {len(top)}: predicted most likable",
-                      [(r["post_id"], r["s"], images.get(r["post_id"])) for r in top]),
-                f"<h3>Bottom {len(bottom)}</h3>",
-                sheet(page, "likability_bottom.png", f"bottom {len(bottom)}: predicted least likable",
-                      [(r["post_id"], r["s"], images.get(r["post_id"])) for r in bottom])]
+        out += top_and_bottom(page, m["best"])
     if cnn is not None:
         out.append(f"<h3>Fine-tuned CNN</h3><p>Test accuracy {fmt(cnn['test'].get('accuracy'))} (published 57%), "
                    f"AP {fmt(cnn['test'].get('ap'))}.</p>")
@@ -365,10 +363,40 @@ def likability(page: Page) -> str | None:
     return "\n".join(out)
 
 
+def top_and_bottom(page: Page, best: dict) -> list[str]:
+    """The test images the best SVM ranks highest and lowest, as contact sheets (from tables/images)."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    from sparkml.retrieval import jpegs
+
+    spark, lake = page.spark, page.lake
+    if not page.complete("tables/images"):
+        return ['<p class="note">No top and bottom test images: they are drawn from tables/images, which this lake '
+                "does not have complete.</p>"]
+    feats = spark.read.parquet(lake.table("features")).where(
+        (F.col("layer") == best["layer"]) & ~F.col("mirrored") & (F.col("split") == "test"))
+    model = PipelineModel.load(f"{lake.model('likability_svm')}/{best['model']}")
+    scored = model.transform(feats.withColumn("features", array_to_vector("vector"))) \
+        .select("post_id", "label", vector_to_array("rawPrediction")[1].alias("s")) \
+        .orderBy(F.col("s").desc(), "post_id").collect()
+    n_top = min(25, (len(scored) + 1) // 2)
+    top, bottom = scored[:n_top], scored[::-1][:min(25, len(scored) - n_top)]
+    images = jpegs(spark.read.parquet(lake.table("images")), [r["post_id"] for r in top + bottom])
+    title = f"best SVM ({best['layer']}, {best['variant']})"
+    return [f"<h3>Top {len(top)} test images by the {esc(title)}</h3>",
+            sheet(page, "likability_top.png", f"top {len(top)}: predicted most likable",
+                  [(r["post_id"], r["s"], images.get(r["post_id"])) for r in top]),
+            f"<h3>Bottom {len(bottom)}</h3>",
+            sheet(page, "likability_bottom.png", f"bottom {len(bottom)}: predicted least likable",
+                  [(r["post_id"], r["s"], images.get(r["post_id"])) for r in bottom])]
+
+
 def exploration(page: Page) -> str | None:
-    m = page.json(f"{page.lake.report('explore')}/metrics.json")
-    if m is None:
+    if not page.complete("tables/clusters"):
         return None
+    m = page.json(f"{page.lake.report('explore')}/metrics.json")
     rows = [[k + (" (kept)" if int(k) == m["k"] else ""), v] for k, v in m["silhouettes"].items()]
     labels = m["labels"] or {}
     clusters = [[c, n, ", ".join(f"{name} ({share:.0%})" for name, share in labels.get(c, [])) or "-"]
@@ -378,6 +406,9 @@ def exploration(page: Page) -> str | None:
            page.img("explore/silhouette.png", "silhouette per k"), table(["cluster", "images", "labels"], clusters)]
     if m["labels_note"]:
         out.append(f'<p class="note">{esc(m["labels_note"])}</p>')
+    if m.get("skipped_k"):
+        out.append('<p class="note">k not measured: ' + esc("; ".join(f"{k} ({why})" for k, why in
+                                                                     m["skipped_k"].items())) + "</p>")
     out += ["<h3>t-SNE map</h3>", page.img("explore/tsne.png", "t-SNE map")]
     out += ["<h3>Clusters (closest to the centre first)</h3>"] + [
         page.img(f"explore/{name}", f"cluster {c}") for c, name in m["sheets"].items()]
@@ -385,9 +416,9 @@ def exploration(page: Page) -> str | None:
 
 
 def scoring(page: Page) -> str | None:
-    s = page.json(f"{page.lake.table('scores')}/_SUMMARY.json")
-    if s is None:
+    if not page.complete("tables/scores"):
         return None
+    s = page.json(f"{page.lake.table('scores')}/_SUMMARY.json")
     rej = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
     missing = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in s.get("missing_models", {}).items())
     return (f"<p>{s['output_rows']} of {s['input_rows']} new images scored from <code>{esc(s['input'])}</code> "
@@ -407,29 +438,48 @@ SECTIONS = [  # (title, builder, the job that makes it)
 
 
 def write_report(spark, cfg):
-    """<lake>/reports/index.html from whatever this run produced."""
+    """<lake>/reports/index.html from whatever this run produced: a section per complete output
+    made from the inputs there now; stale, partial or unreadable ones are listed with why, never
+    shown as current. The new page and its pictures are written beside the old report, which they
+    replace only once complete (a failed run leaves the old report whole)."""
     from sparkml.lake import Summary
 
     lake = Lake(cfg.lake)
-    storage.delete(spark, f"{lake.report()}/{FILES}")  # pictures of an earlier report are not this one's
+    reports = lake.report()
+    storage.delete(spark, f"{reports}/{FILES}{NEW}")  # a failed run's leftovers
     page = Page(spark, lake)
     for title, build, job in SECTIONS:
-        body = build(page, cfg)
+        try:
+            body = build(page, cfg)
+        except Exception as e:  # noqa: BLE001 - one broken output must not cost the rest of the report
+            page.stale.append((title, f"could not be drawn ({type(e).__name__}: {str(e).strip()[:200]})"))
+            continue
         if body is None:
             page.not_run.append((title, job))
         else:
             page.sections.append((title, body))
     toc = "".join(f'<li><a href="#s{i}">{esc(t)}</a></li>' for i, (t, _) in enumerate(page.sections))
     not_run = "".join(f"<li>{esc(t)}: run {esc(j)}</li>" for t, j in page.not_run)
+    stale = "".join(f"<li>{esc(w)}: {esc(why)}</li>" for w, why in page.stale)
     parts = [f'<h2 id="s{i}">{esc(t)}</h2>\n{b}' for i, (t, b) in enumerate(page.sections)]
     doc = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>instalearn report</title>"
            f"<style>{CSS}</style></head><body><h1>instalearn: what this run produced</h1>"
            f"<p class=\"note\">Lake <code>{esc(lake.root)}</code>.</p><ul>{toc}</ul>"
            + (f"<p>Not run (no output in this lake):</p><ul>{not_run}</ul>" if not_run else "")
+           + (f'<p class="bad">Not shown (stale, partial or unreadable):</p><ul>{stale}</ul>' if stale else "")
            + "\n".join(parts) + "</body></html>")
-    index = f"{lake.report()}/index.html"
-    storage.write_bytes(spark, index, doc.encode())
+    index = f"{reports}/index.html"
+    storage.write_bytes(spark, f"{index}{NEW}", doc.encode())
+    # the new report is whole: swap it in (the old pictures go only after the new ones are in place)
+    storage.delete(spark, f"{reports}/{FILES}{OLD}")
+    if storage.exists(spark, f"{reports}/{FILES}"):
+        storage.rename(spark, f"{reports}/{FILES}", f"{reports}/{FILES}{OLD}")
+    if storage.exists(spark, f"{reports}/{FILES}{NEW}"):
+        storage.rename(spark, f"{reports}/{FILES}{NEW}", f"{reports}/{FILES}")
+    storage.rename(spark, f"{index}{NEW}", index)
+    storage.delete(spark, f"{reports}/{FILES}{OLD}")
     print(f"report: {index}")
-    return Summary(stage="report", input_rows=len(page.sections), output_rows=len(page.sections), output=lake.report(),
+    return Summary(stage="report", input_rows=len(page.sections), output_rows=len(page.sections), output=reports,
                    extra={"index": index, "sections": [t for t, _ in page.sections],
-                          "not_run": [t for t, _ in page.not_run], "files": len(page.files)})
+                          "not_run": [t for t, _ in page.not_run], "not_shown": dict(page.stale),
+                          "files": len(page.files)})

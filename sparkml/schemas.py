@@ -26,6 +26,7 @@ class Reason(str, Enum):
     BAD_MANIFEST_ROW = "bad_manifest_row"    # a manifest row without post_id/image, or unparsable
     UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
     VIDEO = "video"                          # an Instagram export's video (the studies use still images)
+    PATH_OUTSIDE_ARCHIVE = "path_outside_archive"  # an archive's media path or symlink leads out of its folder
     # ingest of http(s) image URLs (sparkml.fetch)
     HTTP_STATUS = "http_status"              # the server answered with an error status (the code is in the detail)
     TIMEOUT = "timeout"                      # no answer within ingest.http's connect / read / total timeouts
@@ -33,6 +34,8 @@ class Reason(str, Enum):
     TOO_MANY_REDIRECTS = "too_many_redirects"  # more than ingest.http.max_redirects hops
     CONNECTION_ERROR = "connection_error"    # refused, reset, DNS failure: after ingest.http.retries retries
     PRIVATE_ADDRESS = "private_address"      # the host is a loopback / private / link-local address (refused)
+    # extract_features, train_svm
+    NON_FINITE_FEATURES = "non_finite_features"  # the network gave NaN or infinite values for the image
     # prepare_images
     NOT_AN_IMAGE = "not_an_image"            # the bytes are no image format we read (an HTML error page, ...)
     DECOMPRESSION_BOMB = "decompression_bomb"  # the header claims more pixels than prepare.max_pixels

@@ -52,13 +52,15 @@ def _svm_model(spark: SparkSession, lake: Lake) -> dict | None:
     raw = storage.read_bytes(spark, uri)
     summary = json.loads(raw)
     best, made = summary["best"], summary["features"]
-    return {"path": best["model"], "layer": best["layer"], "variant": best["variant"], "features": made,
+    # relative to the models folder, so a lake copied or moved whole finds its own model
+    return {"path": f"{lake.model(SVM)}/{best['model']}", "layer": best["layer"], "variant": best["variant"], "features": made,
             "version": hashlib.blake2b(raw, digest_size=6).hexdigest()}
 
 
 def models(spark: SparkSession, cfg: Config) -> tuple[dict, dict]:
     """(name -> model, name -> how to make it) for the models score.models asks for; the
     exported ones are checked against what they are asked to score (ConfigError)."""
+    from dl.models import ModelError
     from dl.score import read_exported
 
     lake = Lake(cfg.lake)
@@ -67,7 +69,10 @@ def models(spark: SparkSession, cfg: Config) -> tuple[dict, dict]:
         if name == SVM:
             m = _svm_model(spark, lake)
         else:
-            m = read_exported(lake.model(name), cfg.s3.endpoint, cfg.s3.region)
+            try:
+                m = read_exported(lake.model(name), cfg.s3.endpoint, cfg.s3.region)
+            except ModelError as e:
+                raise ConfigError(f"score: models/{name}: {e}") from None
         if m is None:
             missing[name] = f"not in {lake.model(name)}: run {REMEDY[name]}"
         else:
@@ -105,20 +110,7 @@ def _check(spark: SparkSession, cfg: Config, name: str, m) -> None:
                               f"{made.get('weights_sha256')}, {f.weights} now has {now.sha256}: the weights file was "
                               "replaced; extract the features and train the SVM again")
         return
-    pre, labels = m.meta["preprocessing"], m.labels
-    if not isinstance(m.meta.get("card"), dict):
-        raise ConfigError(f"score: models/{name} has no weights card in its model.json (exported before cards "
-                          f"existed): export it again with {REMEDY[name]}")
-    from dl.weights import WeightsError, parse_card
-
-    try:
-        c = parse_card(m.meta, f"{m.root}/model.json")
-    except WeightsError as e:
-        raise ConfigError(f"score: models/{name}: {e}") from None
-    if c.normalisation != {"mean": pre.get("mean"), "std": pre.get("std")}:
-        raise ConfigError(f"score: models/{name}: model.json's preprocessing normalises by {pre.get('mean')} / "
-                          f"{pre.get('std')}, its weights card by {c.normalisation}: export it again with "
-                          f"{REMEDY[name]}")
+    pre, labels = m.meta["preprocessing"], m.labels  # model.json already fits its schema (dl.export)
     if pre.get("size") != size:
         raise ConfigError(f"score: models/{name} was trained on {pre.get('size')} px prepared images (crop "
                           f"{pre.get('crop')}), prepare.size is {size}: score with --set prepare.size={pre.get('size')}")
@@ -160,7 +152,10 @@ def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, 
         none = spark.createDataFrame([], TABLES["rejected"].schema)
         return images, none, images.select(F.col("post_id").alias("key"))
     src = cfg.model_copy(update={"source": Source(path=s.input, layout=s.layout)})
-    todo, rejects, inputs, _ = plan(spark, src)
+    try:
+        todo, rejects, inputs, _ = plan(spark, src)
+    except ConfigError as e:  # ingest's words for its own setting
+        raise ConfigError(str(e).replace("source.path", "score.input", 1)) from None
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.ingest.batch_rows))
     posts = read_posts(spark, todo, src)
     opts = options(cfg.prepare)
@@ -273,10 +268,13 @@ def score(spark: SparkSession, cfg: Config) -> Summary:
                 raise IncompleteInput(f"score: models/{name}: {e}; export it again with jobs/train_cnn.py "
                                       f"--task {name}") from None
     out = lake.table("scores")
-    begin_output(spark, out)
     images, rejects, inputs = new_images(spark, cfg)
     _check_cities(images, found)  # also computes the prepared images (persisted): not timed as scoring
     n_inputs = inputs.count()
+    if n_inputs == 0:  # an empty folder is a mistake far more often than a wish to clear the scores
+        raise ConfigError(f"score.input {cfg.score.input} holds no images ({cfg.score.layout} layout): nothing to "
+                          "score; the previous scores are kept")
+    begin_output(spark, out)  # the input is good: only now are the previous scores replaced
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.score.batch_rows))
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
     acc = progress.counter(spark, images.count())

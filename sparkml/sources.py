@@ -30,6 +30,8 @@ STAGE = "ingest"
 # what an image reference may be: a path, a file/object-store URI, an http(s) URL
 URI_SCHEMES = ("file", *storage.S3_SCHEMES, "gs", "http", "https")
 log = logging.getLogger("instalearn")
+# posted_at outside these bounds (epoch seconds) is no time an Instagram post can have: null, flagged
+EPOCH_BOUNDS = (1_262_304_000, 4_102_444_800)  # 2010-01-01 (Instagram opened in October 2010) .. 2100-01-01
 
 
 def decode_caption(raw: bytes | None) -> tuple[str | None, str]:
@@ -209,9 +211,12 @@ def _as_long(col: str):
 
 
 def _as_timestamp(col: str):
+    """Epoch seconds or an ISO time; null (and flagged) when it is neither, or when epoch seconds
+    fall outside EPOCH_BOUNDS (99999999999999999999 would wrap round to the year 1717)."""
     numeric = F.col(col).rlike(r"^\s*\d+(\.\d+)?\s*$")
-    return F.when(numeric, F.expr(f"timestamp_seconds(try_cast(trim({col}) as double))")) \
-        .otherwise(F.expr(f"try_cast(trim({col}) as timestamp)"))
+    seconds = F.expr(f"try_cast(trim({col}) as double)")
+    return F.when(numeric & seconds.between(*EPOCH_BOUNDS), F.timestamp_seconds(seconds)) \
+        .when(~numeric, F.expr(f"try_cast(trim({col}) as timestamp)"))
 
 
 def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
@@ -376,35 +381,52 @@ def export_posts_files(root: str, endpoint: str | None = None, region: str | Non
     return found
 
 
+def _timestamp(value) -> tuple[str | None, bool]:
+    """(epoch seconds as text, or None; whether a value was given that is not a plausible time)."""
+    if value is None:
+        return None, False
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            EPOCH_BOUNDS[0] <= value < EPOCH_BOUNDS[1]):
+        return None, True
+    return str(value), False
+
+
 def export_media(posts: list) -> list[dict]:
     """One record per media item of a parsed posts_N.json: its uri, the post's caption (repaired)
-    and time, and its index in the post (carousel posts hold several media)."""
+    and time, and its index in the post (carousel posts hold several media); a post that is not
+    of the export's shape (a title that is not text, media that is not a list of objects) gives
+    one record with its `problem`, and a time out of range is None with `bad_time`."""
     if not isinstance(posts, list):
         raise ValueError("not a list of posts")
     out = []
     for p, post in enumerate(posts):
         media = post.get("media") if isinstance(post, dict) else None
-        if not isinstance(media, list):
-            out.append({"post": p, "index": 0, "uri": None, "caption": None, "posted_at": None})
+        if not isinstance(media, list) or not all(isinstance(m, dict) for m in media):
+            out.append({"post": p, "index": 0, "uri": None, "problem": "media is not a list of objects"})
             continue
-        caption = post.get("title") or (media[0].get("title") if len(media) == 1 and isinstance(media[0], dict)
-                                        else None)
+        caption = post.get("title") or (media[0].get("title") if len(media) == 1 else None)
+        if caption is not None and not isinstance(caption, str):
+            out.append({"post": p, "index": 0, "uri": None,
+                        "problem": f"title is a {type(caption).__name__}, not text"})
+            continue
         for i, m in enumerate(media):
-            m = m if isinstance(m, dict) else {}
-            ts = m.get("creation_timestamp", post.get("creation_timestamp"))
+            posted_at, bad_time = _timestamp(m.get("creation_timestamp", post.get("creation_timestamp")))
             out.append({"post": p, "index": i, "uri": m.get("uri"), "caption": repair_mojibake(caption),
-                        "posted_at": None if ts is None else str(ts)})
+                        "posted_at": posted_at, "bad_time": bad_time})
     return out
 
 
-def _archive_raw(spark: SparkSession, cfg: Config) -> tuple[list[dict], list[tuple]]:
-    """(manifest-shaped rows of the archive's images, (key, reason, detail) of what is not one)."""
+def _archive_raw(spark: SparkSession, cfg: Config) -> tuple[list[dict], list[tuple], dict]:
+    """(manifest-shaped rows of the archive's images, (key, reason, detail) of what is not one,
+    counts for the summary). Nothing outside the archive's folder is read: media paths that lead
+    out of it ('..', absolute, file://, a symlink) are rejected, symlinked folders not followed."""
     root = storage.qualify(cfg.source.path).rstrip("/")
-    rows, rejects = [], []
+    rows, rejects, skipped = [], [], []
+    counts = {"symlinked_folders_not_followed": 0, "bad_posted_at": 0}
     if cfg.source.layout == "folder":
         if not storage.is_dir(spark, root):
             raise ConfigError(f"source.path {cfg.source.path} is not a folder (source.layout=folder)")
-        for uri, _ in storage.list_files(root, cfg.s3.endpoint, cfg.s3.region):
+        for uri, _ in storage.list_files(root, cfg.s3.endpoint, cfg.s3.region, skipped):
             rel = uri[len(root) + 1:]
             if rel.startswith(".") or "/." in rel:
                 continue  # hidden files (.DS_Store, ._*) are the file system's, not the archive's
@@ -413,35 +435,48 @@ def _archive_raw(spark: SparkSession, cfg: Config) -> tuple[list[dict], list[tup
                 rows.append({"post_id": rel.rsplit(".", 1)[0], "image": uri})
             else:
                 rejects.append((None, Reason.VIDEO if ext in VIDEO_EXTENSIONS else Reason.UNRECOGNIZED_FILE, uri))
-        return rows, rejects
+        for uri, why in skipped:
+            if why.startswith("a symlinked folder"):
+                counts["symlinked_folders_not_followed"] += 1
+            else:
+                rejects.append((None, Reason.PATH_OUTSIDE_ARCHIVE, f"{uri}: {why}"))
+        return rows, rejects, counts
     for posts_file in export_posts_files(root, cfg.s3.endpoint, cfg.s3.region):
         try:
             media = export_media(json.loads(storage.read_bytes(spark, posts_file)))
-        except (ValueError, AttributeError) as e:
+        except ValueError as e:
             raise ConfigError(f"{posts_file} is not an Instagram posts file ({e})") from None
         for m in media:
             key = f"{posts_file}#{m['post']}/{m['index']}"
             uri = m["uri"]
-            if not isinstance(uri, str) or not uri.strip():
+            if m.get("problem"):
+                rejects.append((None, Reason.BAD_MANIFEST_ROW, f"{key}: {m['problem']}"))
+            elif not isinstance(uri, str) or not uri.strip():
                 rejects.append((None, Reason.BAD_MANIFEST_ROW, f"{key}: a post without media[].uri"))
+            elif not storage.inside(root, storage.resolve(root, uri)):
+                rejects.append((_stem(uri), Reason.PATH_OUTSIDE_ARCHIVE,
+                                f"{key}: {uri} leads outside the export's folder {root}"))
             elif _ext(uri) in VIDEO_EXTENSIONS:
                 rejects.append((_stem(uri), Reason.VIDEO, uri))
             elif _ext(uri) not in IMAGE_EXTENSIONS:
                 rejects.append((_stem(uri), Reason.UNRECOGNIZED_FILE, uri))
             else:
+                counts["bad_posted_at"] += m["bad_time"]
                 rows.append({"post_id": _stem(uri), "image": uri, "caption": m["caption"], "posted_at": m["posted_at"]})
-    return rows, rejects
+    return rows, rejects, counts
 
 
 def ingest_archive(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
     """(todo, rejects, input_keys, extra) for an Instagram export or a folder of images: the
     images become manifest rows (so duplicates, missing and empty files are handled alike);
     videos and other files are rejected with their reason."""
-    rows, skipped = _archive_raw(spark, cfg)
+    rows, skipped, counts = _archive_raw(spark, cfg)
     strings = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS])
     raw = spark.createDataFrame([tuple(r.get(c) for c in MANIFEST_COLUMNS) for r in rows], strings) \
         .withColumn("_corrupt", F.lit(None).cast("string")).withColumn("_row", F.monotonically_increasing_id())
     todo, rejects, inputs, extra = manifest_rows(spark, raw, storage.qualify(cfg.source.path), cfg)
+    extra["flags"]["bad_posted_at"] += counts.pop("bad_posted_at")  # out of range: null, counted
+    extra.update(counts)
     inputs = inputs.select(F.col("key").cast("string"))
     if skipped:
         other = spark.createDataFrame([(k, r.value, d) for k, r, d in skipped],

@@ -165,6 +165,21 @@ def download(spark, uri: str, local_dir: str) -> None:
                                True)
 
 
+def rename(spark, src: str, dst: str) -> None:
+    """Move a file or folder to dst: one atomic step on a local disk (os.replace: a file at dst is
+    replaced whole); elsewhere the file system's rename (a copy on object stores), dst removed first."""
+    s, d = qualify(src), qualify(dst)
+    if s.startswith("file://") and d.startswith("file://"):
+        os.replace(s[len("file://"):], d[len("file://"):])
+        return
+    fs, path = _hadoop(spark, s)
+    _, target = _hadoop(spark, d)
+    if fs.exists(target):
+        fs.delete(target, True)
+    if not fs.rename(path, target):
+        raise OSError(f"could not move {src} to {dst}")
+
+
 def delete(spark, uri: str) -> None:
     fs, path = _hadoop(spark, uri)
     if fs.exists(path):
@@ -298,11 +313,52 @@ def stat_many(uris: list[str], threads: int, endpoint: str | None = None,
     return _pmap(one, uris, threads)
 
 
-def list_files(root: str, endpoint: str | None = None, region: str | None = None) -> list[tuple[str, int]]:
+def _walk_local(root: str, skipped: list | None) -> list[tuple[str, int]]:
+    """Files under a local folder without leaving it: symlinked folders are not followed (a link
+    loop would repeat the tree forever), symlinked files are kept only when they point inside the
+    folder; each left out goes to `skipped` as (URI, why)."""
+    real_root = os.path.realpath(root)
+    out = []
+    for top, dirs, files in os.walk(root, followlinks=False):
+        for d in dirs:
+            if os.path.islink(os.path.join(top, d)) and skipped is not None:
+                skipped.append((qualify(os.path.join(top, d)), "a symlinked folder (not followed)"))
+        for f in files:
+            full = os.path.join(top, f)
+            if os.path.islink(full):
+                target = os.path.realpath(full)
+                if os.path.commonpath([real_root, target]) != real_root or not os.path.isfile(target):
+                    if skipped is not None:
+                        skipped.append((qualify(full), f"a symlink to {target}, outside {root}"))
+                    continue
+            try:
+                out.append((qualify(full), os.stat(full).st_size))
+            except OSError:
+                continue  # removed while listing
+    return sorted(out)
+
+
+def inside(root: str, uri: str) -> bool:
+    """Whether uri names a file under the folder root (after '..' and, locally, symlinks)."""
+    root_q, q = qualify(root).rstrip("/"), qualify(uri)
+    if not q.startswith(root_q + "/"):
+        return False
+    if not root_q.startswith("file://"):
+        return True
+    real_root = os.path.realpath(root_q[len("file://"):])
+    return os.path.commonpath([real_root, os.path.realpath(q[len("file://"):])]) == real_root
+
+
+def list_files(root: str, endpoint: str | None = None, region: str | None = None,
+               skipped: list | None = None) -> list[tuple[str, int]]:
     """Every file under root, recursively, as (qualified URI, size), zero-byte files included
-    (Spark's file sources skip those, which would lose them silently)."""
+    (Spark's file sources skip those, which would lose them silently). A local folder is walked
+    without leaving it (_walk_local); what was left out goes to `skipped`."""
     q = qualify(root).rstrip("/")
     scheme, path = arrow_path(q)
+    if scheme == "file":
+        return _walk_local(path, skipped) if os.path.isdir(path) else (
+            [(q, os.stat(path).st_size)] if os.path.isfile(path) else [])
     fs = arrow_filesystem(scheme, endpoint, region)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
     prefix = q[: len(q) - len(path.rstrip("/"))]

@@ -126,8 +126,9 @@ def spark_linear_svc(spark, s, train, n: int, path: str) -> tuple[dict, object]:
     evaluator = BinaryClassificationEvaluator(labelCol="label", rawPredictionCol="rawPrediction",
                                               metricName="areaUnderPR")
     if s.search == "crossval":
+        # numFolds must name the fold column's values 0..folds-1 (its default, 3, leaves others empty)
         tuner = CrossValidator(estimator=pipe, estimatorParamMaps=grid, evaluator=evaluator, foldCol="fold",
-                               parallelism=s.parallelism, seed=s.seed)
+                               numFolds=s.folds, parallelism=s.parallelism, seed=s.seed)
     else:
         tuner = TrainValidationSplit(estimator=pipe, estimatorParamMaps=grid, evaluator=evaluator,
                                      trainRatio=s.train_ratio, parallelism=s.parallelism, seed=s.seed)
@@ -338,25 +339,33 @@ def train_svm(spark, cfg):
     from pyspark.sql import functions as F
 
     from sparkml import storage
-    from sparkml.lake import Lake, Summary, begin_output, write_rejected
+    from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected
     from sparkml.schemas import Reason
 
     s = cfg.svm
     lake = Lake(cfg.lake)
     report, models = lake.report(MODEL), lake.model(MODEL)
-    begin_output(spark, models)
-    begin_output(spark, report)
-    labelled = _features(spark, cfg)
+    rows = _features(spark, cfg)
+    # an image with a NaN or infinite value in any of its rows is rejected whole (Spark ML would fail on it)
+    non_finite = rows.where(F.exists("vector", lambda x: F.isnan(x) | (F.abs(x) == float("inf")))) \
+        .select("post_id").distinct()
+    labelled = rows.join(non_finite, "post_id", "left_anti")
     unlabelled = labelled.where(F.col("label").isNull() & ~F.col("mirrored") & (F.col("layer") == s.layers[0]))
-    rejected = write_rejected(spark, lake, "train_svm", unlabelled.select(
-        "post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
-        F.lit("the features row has no label: it cannot train or test a classifier").alias("detail")))
+    rejects = union_all([
+        non_finite.select("post_id", F.lit(Reason.NON_FINITE_FEATURES.value).alias("reason"),
+                          F.lit("its features hold NaN or infinite values").alias("detail")),
+        unlabelled.select("post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
+                          F.lit("the features row has no label: it cannot train or test a classifier").alias("detail"))])
     feats = labelled.where(F.col("label").isNotNull())
     is_train = F.col("split") != "test"
     counts = {(r["layer"], r["train"], r["label"], r["mirrored"]): int(r["count"]) for r in
               feats.groupBy("layer", is_train.alias("train"), "label", "mirrored").count().collect()}
     for layer in s.layers:
         _check(counts, layer)
+    # the features can train and test a classifier: only now are the previous models and report replaced
+    begin_output(spark, models)
+    begin_output(spark, report)
+    rejected = write_rejected(spark, lake, "train_svm", rejects)
     mirrored = any(k[3] for k in counts)
     variants = VARIANTS if mirrored else VARIANTS[:1]
     dim = len(feats.select("vector").first()["vector"])
@@ -376,7 +385,7 @@ def train_svm(spark, cfg):
             params, model = fit(spark, s, train, n, f"{models}/{model_dir(layer, variant)}")
             labels, scores = spark_scores(model, test)
             results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
-                                   scores, n, time.perf_counter() - t0, model=f"{models}/{model_dir(layer, variant)}"))
+                                   scores, n, time.perf_counter() - t0, model=model_dir(layer, variant)))
             if variant == "normal":
                 got = mllib_sgd(spark, s, train, test)
                 results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
@@ -481,5 +490,5 @@ def markdown(body: dict) -> str:
             + f"\n\nSelection: {body['search']}"
             + (f" over {body['folds']} folds by post_id" if body["search"] == "crossval" else "")
             + f", C grid {body['c_grid']} (Spark regParam = 1 / (C n)). Best Spark model (by validation): "
-            f"{body['best']['layer']} {body['best']['variant']} -> {body['best']['model']}\n\n"
+            f"{body['best']['layer']} {body['best']['variant']} -> models/likability_svm/{body['best']['model']}\n\n"
             + "\n".join(detail) + "\n" + ("\n" + "\n".join(notes) + "\n" if notes else ""))

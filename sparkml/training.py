@@ -19,10 +19,11 @@ from pyspark.sql import SparkSession
 
 from sparkml import storage
 from sparkml.config import Config, ConfigError, read_yaml
-from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, begin_output, read_summary, write_summary
+from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, lock_output, read_summary, write_summary
 from sparkml.schemas import SPLITS
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
+INCOMING = ".incoming"  # a training run's outputs until it completes (beside the published ones)
 
 # The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset; per city in
 # SPEC.md's city order; the likability AlexNet's test accuracy).
@@ -145,6 +146,10 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
                                 "use the likability dataset (build_dataset --set dataset.labels=likability)")
         if t.task == "city" and labels == ["bad", "good"]:
             raise UnusableInput(f"train.dataset={t.dataset} is a likability dataset: the city task needs cities")
+        present = [k for k, n in (built.get("per_label") or {}).items() if n] or labels
+        if len(present) < 2:
+            raise UnusableInput(f"{root} holds one class only ({present}): a classifier needs at least two; rebuild "
+                                "the dataset from posts of several classes")
         outputs = len(labels)
     gpu = _gpu(spark, cfg)
     check_mode(spark, cfg, gpu)
@@ -163,13 +168,20 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
         print("train_cnn: note: the original's recipe (conv1-2 frozen, SGD lr 0.001) presumes ImageNet weights; from "
               "random weights it stays at chance: use --preset city-scratch", flush=True)
     train = {**t.model_dump(), "processes": world}
-    checkpoints = (t.checkpoint_dir or f"{lake.root}/checkpoints/train_{t.task}").rstrip("/")
+    from dl import checkpoint
+
+    runs_root = storage.qualify(t.checkpoint_dir or f"{lake.root}/checkpoints/train_{t.task}").rstrip("/")
+    checkpoints = checkpoint.run_folder(runs_root, resume, cfg.s3.endpoint, cfg.s3.region)
     if resume:
         _check_resume(spark, f"{checkpoints}/run.json", train)
+    # the run writes beside its outputs (<output>.incoming); they replace the previous ones only once
+    # it completes, so a run that fails or is stopped never costs the last good model, report or table
+    final = {"export": lake.model(t.task), "report": lake.report(f"train_{t.task}"),
+             "table": lake.table("image_topics") if task.target == "topics" else None}
     return {
         "train": train, "urls": urls, "labels": labels, "outputs": outputs, "dataset": t.dataset,
-        "checkpoints": checkpoints, "export": lake.model(t.task), "report": lake.report(f"train_{t.task}"),
-        "table": lake.table("image_topics") if task.target == "topics" else None,
+        "checkpoints": checkpoints, "runs": runs_root, "final": final,
+        **{k: f"{v}{INCOMING}" if v else None for k, v in final.items()},
         "endpoint": cfg.s3.endpoint, "region": cfg.s3.region, "resume": resume, "gpu": gpu,
         "threads": _threads(spark, cfg), "rows": {s: int(built["splits"][s]) for s in SPLITS},
         "card": weights.model_dump(),
@@ -180,7 +192,24 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
 
 
 def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
-    """Run dl.train.run on every rank; rank 0's result."""
+    """Run dl.train.run on every rank; rank 0's result. A run the training function stops (a
+    diverged loss, no checkpoint that loads) is one ConfigError line, from whichever process."""
+    import re
+
+    from dl.train import TrainError
+
+    try:
+        return _launch(spark, cfg, s)
+    except TrainError as e:
+        raise ConfigError(f"train_cnn: {e}") from None
+    except Exception as e:  # noqa: BLE001 - torchrun / Horovod report a rank's TrainError in their own text
+        said = re.search(r"TrainError: (.+)", str(e))
+        if said is None:
+            raise
+        raise ConfigError(f"train_cnn: {said.group(1).strip()}") from None
+
+
+def _launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
     from dl.train import run
 
     t = cfg.train
@@ -197,15 +226,28 @@ def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
 
 
 def _begin(spark: SparkSession, s: dict) -> None:
-    """A fresh run removes the old checkpoints, model and report; a resumed one keeps them.
-    Either way the outputs lose their summaries until this run completes."""
-    if not s["resume"]:
-        for uri in (s["checkpoints"], s["export"], s["report"]):
-            storage.delete(spark, uri)
+    """Lock the outputs (a second run at once refuses) without touching them; a fresh run clears
+    what an earlier failed run left in the staging folders, a resumed one continues there."""
+    for key in ("export", "report", "table"):
+        if s["final"][key]:
+            lock_output(spark, s["final"][key])
+            if not s["resume"]:
+                storage.delete(spark, s[key])
     storage.write_bytes(spark, f"{s['checkpoints']}/run.json", json.dumps(s["train"], indent=1).encode())
-    begin_output(spark, s["export"])
-    if s["table"]:
-        storage.delete(spark, s["table"])  # the test vectors are rewritten at the end of every run
+
+
+def _publish(spark: SparkSession, s: dict, cfg: Config) -> None:
+    """The completed run's outputs replace the previous ones; older runs' checkpoints go."""
+    from dl import checkpoint
+
+    for key in ("report", "table", "export"):  # the model last: its summary (cli.run) follows it
+        if s["final"][key]:
+            storage.delete(spark, s["final"][key])
+            if storage.exists(spark, s[key]):
+                storage.rename(spark, s[key], s["final"][key])
+    for old in checkpoint.runs(s["runs"], cfg.s3.endpoint, cfg.s3.region)[:-1]:
+        if old != s["checkpoints"]:
+            storage.delete(spark, old)
 
 
 def _fmt(v) -> str:
@@ -254,10 +296,11 @@ def train_cnn(spark: SparkSession, cfg: Config, resume: bool = False) -> Summary
         written = spark.read.parquet(s["table"]).count()
         write_summary(spark, Summary(stage="train_cnn", input_rows=s["rows"]["test"], output_rows=written,
                                      output=s["table"], extra={"task": task, "split": "test"}))
+    _publish(spark, s, cfg)
     test = {k: v for k, v in result["test"].items() if k not in ("confusion",)}
-    return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s["export"], extra={
+    return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s["final"]["export"], extra={
         "task": task, "dataset": s["dataset"], "splits": s["rows"], "model": cfg.train.model,
         "weights": cfg.train.weights, "processes": s["train"]["processes"], "device": result["device"],
         "batches_per_epoch": result["batches_per_epoch"], "iterations": result["iterations"],
         "best": result["best"], "test": test, "history": result["history"], "resumed_from": result["resumed_from"],
-        "report": s["report"], "checkpoints": s["checkpoints"]})
+        "report": s["final"]["report"], "checkpoints": s["checkpoints"]})

@@ -17,12 +17,14 @@ def test_mojibake_is_repaired_and_right_text_is_left_alone(text):
 
 
 def test_export_media_reads_carousels_and_json_escapes():
-    raw = json.dumps([{"media": [{"uri": "media/posts/1/a.jpg", "title": "caf\u00c3\u00a9", "creation_timestamp": 5}]},
-                      {"title": "\u00f0\u009f\u0098\u008a", "creation_timestamp": 7,
-                       "media": [{"uri": "media/posts/1/b.jpg"}, {"uri": "media/posts/1/c.mp4"}]}])
+    raw = json.dumps([{"media": [{"uri": "media/posts/1/a.jpg", "title": "caf\u00c3\u00a9",
+                                  "creation_timestamp": 1_600_000_005}]},
+                      {"title": "\u00f0\u009f\u0098\u008a", "creation_timestamp": 1_600_000_007,
+                       "media": [{"uri": "media/posts/1/b.jpg"}, {"uri": "media/posts/1/c.mp4", "creation_timestamp": 5}]}])
     media = export_media(json.loads(raw))
-    assert [(m["uri"], m["caption"], m["posted_at"]) for m in media] == [
-        ("media/posts/1/a.jpg", "café", "5"), ("media/posts/1/b.jpg", "😊", "7"), ("media/posts/1/c.mp4", "😊", "7")]
+    assert [(m["uri"], m["caption"], m["posted_at"], m["bad_time"]) for m in media] == [
+        ("media/posts/1/a.jpg", "café", "1600000005", False), ("media/posts/1/b.jpg", "😊", "1600000007", False),
+        ("media/posts/1/c.mp4", "😊", None, True)]  # 1970: no Instagram post's time
 
 
 @pytest.mark.parametrize("nested", [False, True])

@@ -66,20 +66,20 @@ def test_every_job_is_in_a_pipeline_and_make_demo_runs_the_list():
 
 def test_emr_dry_run_prints_valid_requests_for_the_whole_pipeline(tmp_path, capsys):
     bundle = _bundle(tmp_path)
-    assert launch.main(["--bucket", "b1", "--bundle", str(bundle), "--set", "gpu.count=2", "--dry-run"]) == 0
+    assert launch.main(["--bucket", "bkt1", "--bundle", str(bundle), "--set", "gpu.count=2", "--dry-run"]) == 0
     req = json.loads(capsys.readouterr().out)
     flow, steps = req["run_job_flow"], req["add_job_flow_steps"]
     _validate("emr", "RunJobFlow", flow)
     _validate("emr", "AddJobFlowSteps", dict(steps, JobFlowId="j-TEST"))
     assert flow["ReleaseLabel"].startswith("emr-7.") and int(flow["ReleaseLabel"].split(".")[1]) >= 1
-    assert flow["LogUri"] == "s3://b1/instalearn/logs/"
+    assert flow["LogUri"] == "s3://bkt1/instalearn/logs/"
     assert flow["BootstrapActions"][0]["ScriptBootstrapAction"]["Path"].endswith("/deploy/bootstrap.sh")
     classes = {c["Classification"] for c in flow["Configurations"]}
     assert {"spark-defaults", "spark-env", "yarn-site", "capacity-scheduler"} <= classes
     roles = [g["InstanceRole"] for g in flow["Instances"]["InstanceGroups"]]
     assert roles == ["MASTER", "CORE", "TASK"]
     assert [s["Name"] for s in steps["Steps"]] == [s.name for s in stages(CLUSTER)]
-    base = "s3://b1/instalearn/deploy/"
+    base = "s3://bkt1/instalearn/deploy/"
     for step, stage in zip(steps["Steps"], stages(CLUSTER)):
         args = step["HadoopJarStep"]["Args"]
         assert step["HadoopJarStep"]["Jar"] == "command-runner.jar"
@@ -107,7 +107,7 @@ def test_emr_dry_run_prints_valid_requests_for_the_whole_pipeline(tmp_path, caps
 
 
 def test_emr_serverless_dry_run(tmp_path, capsys):
-    assert launch.main(["--bucket", "b1", "--bundle", str(_bundle(tmp_path)), "--serverless", "--dry-run",
+    assert launch.main(["--bucket", "bkt1", "--bundle", str(_bundle(tmp_path)), "--serverless", "--dry-run",
                         "--set", "serverless.application_id=00abc", "--set",
                         "serverless.execution_role_arn=arn:aws:iam::123456789012:role/emr-serverless"]) == 0
     runs = json.loads(capsys.readouterr().out)["start_job_run"]
@@ -164,8 +164,8 @@ def test_a_settings_file_or_option_holding_keys_is_refused_without_echoing_them(
     bad = tmp_path / "cluster.yaml"
     bad.write_text((ROOT / "deploy" / "emr" / "cluster.yaml").read_text()
                    + f"\nextra:\n  aws_secret_access_key: {CANARY_SECRET}\n")
-    for argv in (["--settings", str(bad), "--bucket", "b", "--dry-run"],
-                 ["--bucket", "b", "--dry-run", "--set", f"subnet={CANARY_ID}"]):
+    for argv in (["--settings", str(bad), "--bucket", "bkt", "--dry-run"],
+                 ["--bucket", "bkt", "--dry-run", "--set", f"subnet={CANARY_ID}"]):
         for main in (launch.main, submit.main):
             assert main(argv) == 2
             err = capsys.readouterr().err.strip().splitlines()
@@ -173,22 +173,22 @@ def test_a_settings_file_or_option_holding_keys_is_refused_without_echoing_them(
             assert CANARY_SECRET not in err[0] and CANARY_ID not in err[0]
     profile = tmp_path / "emr.yaml"
     profile.write_text("lake: s3://b/lake\ns3:\n  endpoint: https://s3.amazonaws.com\npassword: hunter2\n")
-    assert launch.main(["--bucket", "b", "--config", str(profile), "--dry-run"]) == 2
+    assert launch.main(["--bucket", "bkt", "--config", str(profile), "--dry-run"]) == 2
     assert "hunter2" not in capsys.readouterr().err
 
 
 def test_the_data_bundle_is_refused_for_stages_that_need_torch(capsys):
     for main in (launch.main, submit.main):
-        assert main(["--bucket", "b", "--dry-run", "--set", "bundle=data"]) == 2
+        assert main(["--bucket", "bkt", "--dry-run", "--set", "bundle=data"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "extract_features" in err[0] and "train_cnn_city" in err[0], err
-        assert main(["--bucket", "b", "--dry-run", "--set", "bundle=data", "--stages", "ingest,dedup"]) == 0
+        assert main(["--bucket", "bkt", "--dry-run", "--set", "bundle=data", "--stages", "ingest,dedup"]) == 0
         capsys.readouterr()
 
 
 def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsys):
     bundle = _bundle(tmp_path)
-    assert submit.main(["--bucket", "gb", "--bundle", str(bundle), "--set", "accelerator.type=nvidia-l4",
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(bundle), "--set", "accelerator.type=nvidia-l4",
                         "--set", "accelerator.count=1"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     import shlex
@@ -201,7 +201,7 @@ def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsy
     assert "--image-version=2.2-debian12" in create and "--worker-accelerator=type=nvidia-l4,count=1" in create
     init = next(a for a in create if a.startswith("--initialization-actions="))
     assert init.endswith("/deploy/init.sh") and "install_gpu_driver.sh" in init
-    base = "gs://gb/instalearn/deploy/0.1.0"
+    base = "gs://gbkt/instalearn/deploy/0.1.0"
     assert [c[5] for c in jobs] == [f"{base}/{s.path}" for s in stages(CLUSTER)]
     for c, stage in zip(jobs, stages(CLUSTER)):
         assert f"--archives={base}/{bundle.name}#environment" in c and "--cluster=instalearn" in c
@@ -211,11 +211,11 @@ def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsy
         assert c[c.index("--") + 1:][:2] == ["--config", "dataproc.yaml"]
         if stage.needs == TRAIN:
             assert props["spark.dynamicAllocation.enabled"] == "false" and props["spark.task.resource.gpu.amount"] == "1"
-    assert submit.main(["--bucket", "gb", "--bundle", str(_bundle(tmp_path, "3.12")), "--serverless"]) == 0
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(_bundle(tmp_path, "3.12")), "--serverless"]) == 0
     batches = [shlex.split(x) for x in capsys.readouterr().out.splitlines() if " batches submit " in x]
     assert len(batches) == len(stages(CLUSTER)) and all("--version=2.2" in b for b in batches)
     # a bundle built for another Python than the target's is refused before anything runs
-    assert submit.main(["--bucket", "gb", "--bundle", str(bundle), "--serverless", "--execute"]) == 2
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(bundle), "--serverless", "--execute"]) == 2
     assert "Python 3.11" in capsys.readouterr().err
 
 
@@ -226,7 +226,7 @@ def test_dataproc_execute_runs_in_order_and_stops_at_the_first_failure(tmp_path,
     fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in *\"jobs submit\"*jobs/dedup.py*) exit 3;; esac\nexit 0\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
-    assert submit.main(["--bucket", "gb", "--bundle", str(_bundle(tmp_path)), "--execute"]) == 1
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(_bundle(tmp_path)), "--execute"]) == 1
     ran = log.read_text().splitlines()
     assert "dataproc clusters create" in next(x for x in ran if "storage cp" not in x)
     jobs = [x for x in ran if "jobs submit" in x]
@@ -275,17 +275,17 @@ def test_staged_weights_travel_to_the_bucket_for_clusters_without_internet(tmp_p
     launchers); a file without its card is refused with one line."""
     staged = weights["mobilenet_v2"].removeprefix("file://")
     bundle = _bundle(tmp_path)
-    assert launch.main(["--bucket", "b1", "--bundle", str(bundle), "--dry-run", "--weights", staged]) == 0
+    assert launch.main(["--bucket", "bkt1", "--bundle", str(bundle), "--dry-run", "--weights", staged]) == 0
     ups = {u["to"]: u["from"] for u in json.loads(capsys.readouterr().out)["uploads"]}
-    assert ups["s3://b1/instalearn/weights/mobilenet_v2.pth"] == staged
-    assert ups["s3://b1/instalearn/weights/mobilenet_v2.json"] == staged.removesuffix(".pth") + ".json"
-    assert submit.main(["--bucket", "gb", "--bundle", str(bundle), "--weights", staged]) == 0
+    assert ups["s3://bkt1/instalearn/weights/mobilenet_v2.pth"] == staged
+    assert ups["s3://bkt1/instalearn/weights/mobilenet_v2.json"] == staged.removesuffix(".pth") + ".json"
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(bundle), "--weights", staged]) == 0
     out = capsys.readouterr().out
-    assert f"gcloud storage cp {staged} gs://gb/instalearn/weights/mobilenet_v2.pth" in out
-    assert "gs://gb/instalearn/weights/mobilenet_v2.json" in out
+    assert f"gcloud storage cp {staged} gs://gbkt/instalearn/weights/mobilenet_v2.pth" in out
+    assert "gs://gbkt/instalearn/weights/mobilenet_v2.json" in out
     bare = tmp_path / "bare.pth"
     bare.write_bytes(b"x")
     for main in (launch.main, submit.main):
-        assert main(["--bucket", "b", "--dry-run", "--weights", str(bare)]) == 2
+        assert main(["--bucket", "bkt", "--dry-run", "--weights", str(bare)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "needs the file and its card bare.json" in err[0], err

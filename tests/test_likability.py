@@ -230,8 +230,8 @@ def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark
     assert summary["balanced"] and summary["input_rows"] == sum(len(d) for d in data.values())
     assert summary["best"]["model"] in summary["models"].values() and len(summary["models"]) == 2
     feats = spark.read.parquet(lake.table("features")).where("layer = 'prelogit' and not mirrored and split = 'test'")
-    for name, path in summary["models"].items():
-        model = PipelineModel.load(path)
+    for name, rel in summary["models"].items():
+        model = PipelineModel.load(f"{lake.model('likability_svm')}/{rel}")  # relative: the lake can move
         scored = model.transform(feats.withColumn("features", array_to_vector("vector"))).select(
             F.col("label").cast("int").alias("label"), vector_to_array("rawPrediction")[1].alias("s")).toPandas()
         variant = "flipped+normal" if name.endswith("flipped_normal") else "normal"
@@ -252,7 +252,7 @@ def test_scoring_with_the_saved_svm_gives_its_margins_on_the_training_jobs_featu
     got = spark.read.parquet(lake.table("scores")).toPandas().set_index("post_id")
     feats = spark.read.parquet(lake.table("features")).where(
         f"layer = '{best['layer']}' and not mirrored and split = 'test'")
-    want = PipelineModel.load(best["model"]).transform(feats.withColumn("features", array_to_vector("vector"))) \
+    want = PipelineModel.load(f"{lake.model('likability_svm')}/{best['model']}").transform(feats.withColumn("features", array_to_vector("vector"))) \
         .select("post_id", vector_to_array("rawPrediction")[1].alias("s")).toPandas().set_index("post_id").s
     assert set(got.index) == set(want.index) and set(got.model) == {"likability_svm"}
     np.testing.assert_allclose(got.likability_score[want.index], want, rtol=1e-4, atol=1e-4)

@@ -93,7 +93,7 @@ def test_the_two_engines_of_the_spark_linear_svc_choose_the_same_c_and_agree(spa
             r = got[engine]["normal"]
             test = spark.read.parquet(lake.table("features")).where("layer = 'fc7' and not mirrored and split = 'test' "
                                                                     "and label is not null")
-            scored = PipelineModel.load(r["model"]).transform(test.withColumn("features", array_to_vector("vector"))) \
+            scored = PipelineModel.load(f"{lake.model('likability_svm')}/{r['model']}").transform(test.withColumn("features", array_to_vector("vector"))) \
                 .select(F.col("label").cast("int").alias("y"), vector_to_array("rawPrediction")[1].alias("s")).toPandas()
             assert average_precision_score(scored.y, scored.s) == pytest.approx(r["test_ap"])
     for variant in ("normal", "flipped+normal"):

@@ -58,8 +58,9 @@ def _write_dataset(spark, lake: Path, name: str, kind: str, groups: dict[str, li
             spark.createDataFrame(rdd, schema.as_spark_schema()).write.mode("overwrite").parquet(url)
         counts[split] = sum(sizes)
     (root / "labels.json").write_text(json.dumps(classes))
+    per_label = {c: sum(1 for i in range(n) if i % len(classes) == k) for k, c in enumerate(classes)}
     write_summary(spark, Summary(stage="build_dataset", input_rows=n, output_rows=n, output=str(root),
-                                 extra={"splits": counts, "labels": classes}))
+                                 extra={"splits": counts, "labels": classes, "per_label": per_label}))
     return root
 
 
@@ -92,7 +93,7 @@ def _sets_dict(lake, **train) -> list[str]:
 def _final(lake, task: str) -> dict:
     from dl import checkpoint
 
-    return checkpoint.load(checkpoint.latest(f"{lake}/checkpoints/train_{task}"))
+    return checkpoint.load(checkpoint.latest(checkpoint.runs(f"{lake}/checkpoints/train_{task}")[-1]))
 
 
 def _summary(lake, task: str) -> dict:
@@ -220,15 +221,18 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tiny, tmp
                              str(ROOT / "conf" / "local.yaml"), *args], stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        found = checkpoint.latest(root)
+        runs = checkpoint.runs(root)
+        found = checkpoint.latest(runs[-1]) if runs else None
         if found and int(found[-12:-3]) >= 5:  # iteration 5: epoch 2, batch 1 of 4
             break
         time.sleep(0.01)
     assert proc.poll() is None, f"the run ended before it could be killed: {(tmp_path / 'killed.log').read_text()[-2000:]}"
     assert _descendants_killed(proc) >= 3  # the job, torchrun's agent and its two training processes
-    at = checkpoint.load(checkpoint.latest(root))["position"]
+    at = checkpoint.load(checkpoint.latest(checkpoint.runs(root)[-1]))["position"]
     assert 0 < at["batch"] < 4 and at["epoch"] == 1, at  # mid-epoch
-    assert not (tiny / "models" / "city" / "_SUMMARY.json").exists()
+    # the killed run wrote beside the previous model: that one is still there, whole and complete
+    assert (tiny / "models" / "city" / "_SUMMARY.json").exists()
+    assert all(torch.equal(checkpoint.load(f"{tiny}/models/city/model.pt")["model"][n], w) for n, w in exported.items())
 
     assert run_job("train_cnn", *args, "--resume") == 0
     s = _summary(tiny, "city")

@@ -22,15 +22,60 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bundle, check_flavor, check_profile,  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bucket, check_bundle, check_flavor,  # noqa: E402
+                           check_profile,
                            cluster_stages, find_bundle, load_settings, refuse_secrets, render_profile, stage_args,
-                           stage_conf, uploads, version, weight_uploads)
+                           redact, stage_conf, uploads, version, weight_uploads)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # installed by Dataproc's GPU init action
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Machines(_Strict):
+    type: str = Field(min_length=1)
+    count: int = Field(1, ge=0)
+
+
+class _Accelerator(_Strict):
+    type: str | None = None
+    count: int = Field(0, ge=0)
+    tasks_per_gpu: int = Field(4, ge=1)
+    driver_version: str = Field("580.95.05", pattern=r"^\d+(\.\d+)*$")
+
+
+class _Serverless(_Strict):
+    version: str = Field(pattern=r"^\d+\.\d+$")
+    python: str = Field(pattern=r"^3\.\d+$")
+
+
+class Settings(_Strict):
+    """deploy/dataproc/cluster.yaml: every key typed, unknown keys refused (--set included)."""
+
+    name: str = Field(pattern=r"^[a-z]([-a-z0-9]{0,50}[a-z0-9])?$")
+    project: str | None = None
+    region: str = Field(pattern=r"^[a-z]+-[a-z]+\d+$")
+    zone: str | None = None
+    bucket: str
+    prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
+    image_version: str = Field(min_length=1)
+    python: str = Field("3.11", pattern=r"^3\.\d+$")
+    bundle: Literal["gpu", "cpu", "data"] = "cpu"
+    master: _Machines
+    workers: _Machines
+    accelerator: _Accelerator = Field(default_factory=_Accelerator)
+    executors: int = Field(4, ge=1)
+    max_idle: str = Field("1h", pattern=r"^\d+[smhd]$")
+    serverless: _Serverless
 
 
 def gpu_settings(s: dict) -> dict | None:
@@ -114,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         refuse_secrets(list(argv if argv is not None else sys.argv[1:]), "the command line")
-        s = load_settings(args.settings, args.set)
+        s = load_settings(args.settings, args.set, Settings)
         args.bucket = args.bucket or s.get("bucket")
         if not args.bucket or args.bucket == "YOUR-BUCKET":
             raise DeployError("no bucket: pass --bucket or set bucket in the settings")
+        check_bucket(args.bucket, "gs")
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
         python = str(s["serverless"]["python"] if args.serverless else s.get("python", "3.11"))
         check_flavor(s.get("bundle", "cpu"), pipeline)
@@ -132,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, cmd in todo:
         line = shlex.join(cmd)
         if not args.execute:
-            print(line)
+            print(redact(line))
             continue
-        print(f"[{name}] {line}", flush=True)
+        print(f"[{name}] {redact(line)}", flush=True)
         t0 = time.monotonic()
         try:
             rc = subprocess.run(cmd).returncode

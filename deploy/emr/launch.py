@@ -22,15 +22,61 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Literal
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bundle,  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bucket, check_bundle,  # noqa: E402
                            check_profile, check_flavor, cluster_stages, find_bundle, load_settings, redact,
                            refuse_secrets, render_profile, stage_args, stage_conf, uploads, version, weight_uploads)
 
 DISCOVERY = "/usr/lib/spark/scripts/gpu/getGpusResources.sh"  # shipped with EMR's Spark
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Node(_Strict):
+    type: str = Field(min_length=1)
+    count: int = Field(1, ge=0)
+    market: Literal["ON_DEMAND", "SPOT"] = "ON_DEMAND"
+
+
+class _Gpu(_Node):
+    count: int = Field(0, ge=0)
+    gpus_per_node: int = Field(1, ge=1)
+    tasks_per_gpu: int = Field(4, ge=1)
+
+
+class _Serverless(_Strict):
+    application_id: str | None = None
+    execution_role_arn: str | None = None
+
+
+class Settings(_Strict):
+    """deploy/emr/cluster.yaml: every key typed, unknown keys refused (--set included)."""
+
+    name: str = Field(min_length=1)
+    region: str = Field(pattern=r"^[a-z]{2}(-[a-z]+)+-\d$")
+    bucket: str
+    prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
+    release_label: str = Field(pattern=r"^emr-\d+\.\d+\.\d+$")
+    bundle: Literal["gpu", "cpu", "data"] = "gpu"
+    python: str = Field("3.11", pattern=r"^3\.\d+$")
+    primary: _Node
+    core: _Node
+    gpu: _Gpu = Field(default_factory=lambda: _Gpu(type="g6.4xlarge"))
+    executors: int = Field(4, ge=1)
+    subnet: str | None = None
+    service_role: str = Field(min_length=1)
+    instance_profile: str = Field(min_length=1)
+    idle_timeout: int = Field(3600, ge=60, le=7 * 24 * 3600)
+    spark_defaults: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    serverless: _Serverless = Field(default_factory=_Serverless)
 
 
 def gpu_settings(s: dict) -> dict | None:
@@ -185,10 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         refuse_secrets(list(argv if argv is not None else sys.argv[1:]), "the command line")
-        s = load_settings(args.settings, args.set)
+        s = load_settings(args.settings, args.set, Settings)
         bucket = args.bucket or s.get("bucket")
         if not bucket or bucket == "YOUR-BUCKET":
             raise DeployError("no bucket: pass --bucket or set bucket in the settings")
+        check_bucket(bucket, "s3")
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
         root = f"s3://{bucket}/{s['prefix']}"
         base, log_uri = f"{root}/deploy/{version()}", f"{root}/logs/"
@@ -210,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "Steps": steps_request(pipeline, base, bundle.name, profile.name,
                                                                      gpu, executors)}}
         if args.dry_run:
-            print(json.dumps(request, indent=1))
+            print(redact(json.dumps(request, indent=1)))  # nothing key-shaped is printed, whatever slipped in
             return 0
         return execute(request, items, s, args, pipeline, log_uri, check_profile(profile)["lake"])
     except DeployError as e:
