@@ -49,12 +49,13 @@ def _svm_model(spark: SparkSession, lake: Lake) -> dict | None:
     uri = f"{lake.model(SVM)}/_SUMMARY.json"
     if not storage.exists(spark, uri):
         return None
-    raw = storage.read_bytes(spark, uri)
-    summary = json.loads(raw)
+    summary = json.loads(storage.read_bytes(spark, uri))
     best, made = summary["best"], summary["features"]
-    # relative to the models folder, so a lake copied or moved whole finds its own model
-    return {"path": f"{lake.model(SVM)}/{best['model']}", "layer": best["layer"], "variant": best["variant"], "features": made,
-            "version": hashlib.blake2b(raw, digest_size=6).hexdigest()}
+    # the version digests what the model is, not the summary's run id and timings: a rerun of the same
+    # training gets the same; the path is relative to the models folder, so a lake moved whole finds its own
+    version = hashlib.blake2b(json.dumps([best, made], sort_keys=True, default=str).encode(), digest_size=6)
+    return {"path": f"{lake.model(SVM)}/{best['model']}", "layer": best["layer"], "variant": best["variant"],
+            "features": made, "version": version.hexdigest()}
 
 
 def models(spark: SparkSession, cfg: Config) -> tuple[dict, dict]:
