@@ -27,6 +27,7 @@ import argparse
 import io
 import json
 import time
+from collections import Counter
 
 import numpy as np
 from _common import CACHE, ROOT, header, run_job
@@ -117,12 +118,21 @@ def real_photo_crops(max_hamming: int, verify_bits: int) -> None:
     manifest, lake = out / "set" / "manifest.jsonl", out / "lake"
     for stage in ("ingest", "prepare_images"):
         run_job(stage, lake, "local[2]", manifest)
-    s = run_job("dedup", lake, "local[2]", manifest, f"dedup.max_hamming={max_hamming}",
-                f"dedup.verify_bits={verify_bits}")
-    dups = pq.read_table(lake / "tables" / "duplicates").to_pylist()
-    canonical = {d["post_id"]: d["canonical_post_id"] for d in dups}
-    group = {p: canonical.get(p, p) for p in truth}
+    found, runs = {}, {}
+    # the exact search (what dedup.search=auto does at this size), then the approximate one with the
+    # tables it would use for 1M images (k, L from dedup.lsh_images): the recall a 1M run gets
+    for search, extra in (("exact", ()), ("lsh", ("dedup.lsh_images=1000000",))):
+        runs[search] = run_job("dedup", lake, "local[2]", manifest, f"dedup.max_hamming={max_hamming}",
+                               f"dedup.verify_bits={verify_bits}", f"dedup.search={search}", *extra)
+        found[search] = pq.read_table(lake / "tables" / "duplicates").to_pylist()
+    s, dups = runs["exact"], found["exact"]
     src = {p: t["of"] or p for p, t in truth.items()}
+
+    def grouping(dups):
+        canonical = {d["post_id"]: d["canonical_post_id"] for d in dups}
+        return {p: canonical.get(p, p) for p in truth}
+
+    group, group_lsh = grouping(dups), grouping(found["lsh"])
     t = pq.read_table(lake / "tables" / "images", columns=["post_id", "phash", "zoom_phash", "phash256"]).to_pylist()
     ids = [r["post_id"] for r in t]
     h64 = np.array([[r["phash"]] + r["zoom_phash"] for r in t], np.int64).view(np.uint8).reshape(len(t), -1, 8)
@@ -137,20 +147,28 @@ def real_photo_crops(max_hamming: int, verify_bits: int) -> None:
         whole = POPCOUNT[h64[j_idx, 0] ^ h64[i, 0]].sum(-1, dtype=np.int64)
         return d64.min(0), d256, whole
 
-    print(f"{len(ids)} images, max_hamming {max_hamming}, verify_bits {verify_bits}, zooms {list(ZOOMS)}")
-    print("| edit | copies | recall, ours (dedup job) | recall, whole-image pHash only | 256-bit distance p95 / max |")
-    print("| --- | --- | --- | --- | --- |")
+    lsh = runs["lsh"]
+    print(f"{len(ids)} images, max_hamming {max_hamming}, verify_bits {verify_bits}, zooms {list(ZOOMS)}; lsh with "
+          f"the tables of 1M images: {lsh['bits']} bits x {lsh['tables']} tables, recall target {lsh.get('recall', 0.97)}")
+    print("| edit | copies | recall, exact search | recall, lsh (1M tables) | recall, whole-image pHash only | "
+          "64-bit distance of the pair (count) | 256-bit distance p95 / max |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for kind in EDITS:
         copies = [p for p, v in truth.items() if v["kind"] == kind]
         ours = np.mean([group[p] == group[src[p]] for p in copies])
+        approx = np.mean([group_lsh[p] == group_lsh[src[p]] for p in copies])
         d = [best(pos[src[p]], np.array([pos[p]])) for p in copies]
         whole = np.mean([x[2][0] <= max_hamming for x in d])
         d256 = [int(x[1][0]) for x in d if x[0][0] <= max_hamming]
-        print(f"| {kind} | {len(copies)} | {ours:.3f} | {whole:.3f} | {np.percentile(d256, 95):.0f} / {max(d256)} |")
-    reported = [(d["post_id"], d["canonical_post_id"]) for d in dups]
-    good = sum(src[a] == src[c] for a, c in reported)
-    print(f"precision: {good} of {len(reported)} reported duplicates are copies of their canonical "
-          f"({good / max(1, len(reported)):.4f})")
+        spread = ", ".join(f"{b}: {c}" for b, c in sorted(Counter(int(x[0][0]) for x in d).items()))
+        print(f"| {kind} | {len(copies)} | {ours:.3f} | {approx:.3f} | {whole:.3f} | {spread} | "
+              f"{np.percentile(d256, 95):.0f} / {max(d256)} |")
+    for search in ("exact", "lsh"):
+        reported = [(d["post_id"], d["canonical_post_id"]) for d in found[search]]
+        good = sum(src[a] == src[c] for a, c in reported)
+        print(f"precision, {search}: {good} of {len(reported)} reported duplicates are copies of their canonical "
+              f"({good / max(1, len(reported)):.4f}); {runs[search]['candidate_pairs']} candidates, "
+              f"{runs[search]['seconds']:.1f} s")
     # Unrelated pairs: every pair of images of different source photos.
     hist64, passed, n_pairs = np.zeros(65, np.int64), {}, 0
     src_idx = np.array([src[p] for p in ids])

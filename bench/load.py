@@ -73,18 +73,18 @@ class Peaks:
                 break
             workers = executors = 0
             for p in procs:
-                try:
-                    rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
+                try:  # a process may end between the listing and these reads
+                    rss, cmd, name = p.memory_info().rss, " ".join(p.cmdline()), p.name()
                 except psutil.Error:
                     continue
-                if "java" in p.name() and "CoarseGrainedExecutorBackend" in cmd:  # local-cluster executors
+                if "java" in name and "CoarseGrainedExecutorBackend" in cmd:  # local-cluster executors
                     executors += rss
-                elif "java" in p.name():
+                elif "java" in name:
                     self._up("driver_jvm", rss)
                 elif "pyspark.daemon" in cmd or "pyspark/daemon" in cmd or "pyspark.worker" in cmd:
                     workers += rss
                     self._up("executor_python_max", rss)
-                elif "jobs/" in cmd and "python" in p.name():
+                elif "jobs/" in cmd and "python" in name:
                     self._up("driver_python", rss)
             self._up("executor_python_sum", workers)
             self._up("executor_jvm_sum", executors)
@@ -99,13 +99,13 @@ class Peaks:
         return self.peak
 
 
-def run_stage(stage: str, lake: Path, src: Path, log: Path, master: str = "local[*,4]") -> dict:
+def submit(job: list[str], log: Path, master: str, driver_memory: str = "6g") -> dict:
+    """spark-submit <job> from the repository with the venv's Python, its output to `log`, the
+    driver's GC to log.gc: wall seconds, memory peaks by role and the live heap. Exits on failure."""
     env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", PYSPARK_PYTHON=sys.executable,
                PYSPARK_DRIVER_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
-    cmd = ["spark-submit", "--driver-memory", "6g", "--master", master,
-           "--conf", "spark.driver.extraJavaOptions=-Xlog:gc:file=" + str(log.with_suffix(".gc")),
-           f"jobs/{stage}.py", "--config", "conf/local.yaml", "--set", f"lake={lake}",
-           "--set", f"source.path={src / 'manifest.jsonl'}", "--set", "source.layout=manifest"]
+    cmd = ["spark-submit", "--driver-memory", driver_memory, "--master", master,
+           "--conf", "spark.driver.extraJavaOptions=-Xlog:gc:file=" + str(log.with_suffix(".gc")), *job]
     t0 = time.perf_counter()
     with open(log, "w") as f:
         proc = psutil.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -114,11 +114,16 @@ def run_stage(stage: str, lake: Path, src: Path, log: Path, master: str = "local
     wall = time.perf_counter() - t0
     peak = peaks.stop()
     if rc:
-        raise SystemExit(f"{stage} failed ({rc}), see {log}")
+        raise SystemExit(f"{job[0]} failed ({rc}), see {log}")
+    return {"seconds": wall, **peak, "heap_after_gc": heap_from_gc_log(log.with_suffix(".gc"))}
+
+
+def run_stage(stage: str, lake: Path, src: Path, log: Path, master: str = "local[*,4]") -> dict:
+    run = submit([f"jobs/{stage}.py", "--config", "conf/local.yaml", "--set", f"lake={lake}",
+                  "--set", f"source.path={src / 'manifest.jsonl'}", "--set", "source.layout=manifest"], log, master)
     summary = lake / OUT[stage]
     summary = summary if summary.suffix == ".json" else summary / "_SUMMARY.json"
-    return {"stage": stage, "seconds": wall, **peak, "heap_after_gc": heap_from_gc_log(log.with_suffix(".gc")),
-            "summary": json.loads(summary.read_text())}
+    return {"stage": stage, **run, "summary": json.loads(summary.read_text())}
 
 
 def heap_from_gc_log(path: Path) -> int:

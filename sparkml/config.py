@@ -127,6 +127,22 @@ class Dedup(Section):
     verify_bits: int = Field(
         80, ge=0, le=256, description="a candidate is a near-duplicate only if the 256-bit hashes of the same zoom "
                                       "pairing are within this many bits (see docs/benchmarks.md)")
+    search: Literal["auto", "exact", "lsh"] = Field(
+        "auto", description="exact: multi-index hashing, every pair within max_hamming (its cost grows with the "
+                            "square of the input); lsh: locality-sensitive hashing by bit sampling, candidates per "
+                            "image bounded, a pair max_hamming bits apart found with probability dedup.recall; auto: "
+                            "exact up to dedup.exact_max_images unique images")
+    exact_max_images: int = Field(50_000, ge=0, description="the largest input dedup.search=auto searches exactly")
+    recall: float = Field(0.97, gt=0, lt=1, description="lsh: the probability of finding a pair max_hamming bits apart "
+                                                        "(closer pairs more; docs/benchmarks.md)")
+    candidates_per_image: int = Field(100, ge=3, description="lsh: the candidates per image the tables are sized for "
+                                                             "(evenly spread hashes use a third of it)")
+    bucket_cap: int = Field(1000, ge=2, description="lsh: a bucket with more rows is split by further bits of its "
+                                                    "table, so no task pairs more than this many rows at once")
+    lsh_images: int | None = Field(None, ge=1, description="lsh: size the tables for this many images (default: the "
+                                                           "input's unique images; bench/dedup.py measures recall "
+                                                           "with the tables of 1M)")
+    seed: int = Field(0, description="lsh: seed of the tables' bit positions")
 
 
 class Dataset(Section):

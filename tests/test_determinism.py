@@ -15,7 +15,8 @@ from sparkml.schemas import SPLITS, TABLES
 from tests.conftest import ROOT, run_job
 
 STAGES = ("ingest", "prepare_images", "dedup", "train_lda", "infer_topics", "build_dataset")
-COMMON = ["--set", "lda.num_topics=8", "--set", "lda.min_count=5", "--set", "lda.passes=3", "--set", "lda.chunksize=40"]
+COMMON = ["--set", "lda.num_topics=8", "--set", "lda.min_count=5", "--set", "lda.passes=3", "--set", "lda.chunksize=40",
+          "--set", "dedup.search=lsh"]  # the approximate search (the exact one's reruns: tests/test_prepare_dedup.py)
 OTHER = ["--set", "spark.master=local[1]", "--set", "spark.sql.shuffle.partitions=3", "--set", "prepare.batch_rows=7",
          "--set", "lda.infer_batch_rows=13", "--set", "ingest.batch_rows=5", "--set", "ingest.read_threads=1"]
 

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparkml.dedup import _components, band_bounds, candidate_pairs, probe_masks
+from sparkml.dedup import _hashes, band_bounds, candidate_pairs, components, lsh_candidates, lsh_params, probe_masks, verify
 from sparkml.lake import read_summary
-from sparkml.phash import hamming
+from sparkml.phash import ZOOMS, hamming
 from sparkml.sample import MANIFEST
 from sparkml.schemas import SPLITS
 from tests.conftest import ROOT, planted, rejects_by_reason, run_job
@@ -15,7 +15,16 @@ def test_bands_and_masks():
     assert sum(hi - lo for lo, hi in band_bounds(7)) == 64
     assert probe_masks(16, 0) == [0]
     assert len(probe_masks(16, 1)) == 17 and len(probe_masks(16, 2)) == 1 + 16 + 120
-    assert _components([("10", "9"), ("9", "300"), ("7", "8")]) == {"9": "9", "10": "9", "300": "9", "7": "7", "8": "7"}
+
+
+def test_components_are_found_on_the_executors(spark):
+    """The lowest post_id of each connected component (numeric ids by value), also along a chain
+    longer than the rounds of plain label propagation would settle in."""
+    chain = [(f"c{i}", f"c{i + 1}") for i in range(40)]
+    edges = spark.createDataFrame([("10", "9"), ("9", "300"), ("7", "8")] + chain, "a string, b string")
+    got = {r.post_id: r.canonical for r in components(edges).collect()}
+    want = {"9": "9", "10": "9", "300": "9", "7": "7", "8": "7", **{f"c{i}": "c0" for i in range(41)}}
+    assert got == want
 
 
 @pytest.mark.parametrize("t, bands", [(6, 4), (3, 4), (8, 3)])
@@ -45,6 +54,72 @@ def test_band_search_finds_every_pair_a_brute_force_finds(spark, t, bands):
              if best(i, j) <= t}
     assert found == brute and len(brute) > 10
     assert any(hamming(hashes[int(a[1:])], hashes[int(b[1:])]) > t for a, b in brute)  # found through a zoom
+
+
+def _hash_rows(spark, hashes, zooms):
+    def signed(u: int) -> int:
+        return u - (1 << 64) if u >= 1 << 63 else u
+
+    rows = [(f"p{i}", signed(h), [signed(z)], [0] * 8) for i, (h, z) in enumerate(zip(hashes, zooms))]
+    return spark.createDataFrame(rows, "post_id string, phash long, zoom_phash array<long>, phash256 array<long>")
+
+
+def test_lsh_finds_pairs_at_every_distance_up_to_the_threshold_through_zooms_too(spark):
+    """The approximate search, its tables sized for recall 0.9999, on hashes 0..6 bits apart (and
+    zooms near another image's whole hash, as crops and frames are): every pair a brute force
+    finds, nothing else; tables sized for 1M images (23 bits) find them too."""
+    from sparkml.config import Dedup
+
+    rng = np.random.default_rng(5)
+    base = [int.from_bytes(rng.bytes(8), "big") for _ in range(80)]
+    hashes = list(base)
+    for i, h in enumerate(base[:56]):  # eight neighbours at each distance 0..6
+        flips = rng.choice(64, i % 7, replace=False)
+        hashes.append(h ^ sum(1 << int(f) for f in flips))
+    zooms = [int.from_bytes(rng.bytes(8), "big") for _ in hashes]
+    for k in range(0, 60, 4):
+        zooms[k] = hashes[k + 70] ^ (1 << int(rng.integers(64)))
+    reps = _hash_rows(spark, hashes, zooms)
+    brute = {}
+    for i in range(len(hashes)):
+        for j in range(i + 1, len(hashes)):
+            d = min(hamming(hashes[i], hashes[j]), hamming(zooms[i], hashes[j]), hamming(hashes[i], zooms[j]))
+            if d <= 6:
+                brute[tuple(sorted((f"p{i}", f"p{j}")))] = d
+    assert set(brute.values()) == set(range(7)) and len(brute) > 60
+    for images in (None, 1_000_000):
+        d = Dedup(search="lsh", recall=0.9999, lsh_images=images)
+        candidates, figures, _ = lsh_candidates(spark, _hashes(reps), len(hashes), d)
+        found = {(r.a, r.b): r.hamming for r in verify(candidates, _hashes(reps), 6, 256).collect()}
+        assert found == brute, (figures, set(brute) - set(found))
+    assert figures["bits"] == lsh_params(1_000_000 * len(ZOOMS), 6, 0.9999, 100)[0] > 16  # 3 hashes an image
+
+
+def test_a_crowded_bucket_is_split_not_paired_whole(spark):
+    """2,000 images whose hashes agree on all but 24 bit positions share most tables' keys: those
+    buckets are split by further bits (or paired by a window) so the candidates stay bounded, and
+    the pairs within 6 bits are found all the same (their share is what the split costs)."""
+    import time
+
+    from sparkml.config import Dedup
+
+    rng = np.random.default_rng(9)
+    free = rng.choice(63, 24, replace=False)
+    base = int.from_bytes(rng.bytes(8), "big")
+    hashes = [base ^ sum(1 << int(f) for f in free if rng.uniform() < 0.5) for _ in range(2000)]
+    reps = _hash_rows(spark, hashes, hashes)
+    d = Dedup(search="lsh", bucket_cap=50)
+    t0 = time.perf_counter()
+    candidates, figures, _ = lsh_candidates(spark, _hashes(reps), len(hashes), d)
+    found = verify(candidates, _hashes(reps), 6, 256).count()
+    seconds = time.perf_counter() - t0
+    assert figures["buckets_split"] > 0 and seconds < 120
+    # no more than each row paired with `cap` others in each of its tables
+    assert figures["candidate_pairs"] <= len(hashes) * 2 * figures["tables"] * 2 * 50
+    h = np.array(hashes, dtype=np.uint64)
+    within = sum(int((np.unpackbits((h[i] ^ h[i + 1:]).view(np.uint8).reshape(-1, 8), axis=1).sum(1) <= 6).sum())
+                 for i in range(len(h) - 1))
+    assert within > 1000 and found >= 0.5 * within, (found, within, figures)
 
 
 def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):
