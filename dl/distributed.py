@@ -3,6 +3,7 @@
     b = backend()                       # from the environment torchrun / TorchDistributor set
     model = b.wrap(model.to(b.device))  # DistributedDataParallel, or the model itself alone
     opt = b.wrap_optimizer(opt, model)  # Horovod's DistributedOptimizer; the same opt otherwise
+    with b.averaged(opt): opt.step()    # the gradients are the ranks' average inside
     b.broadcast(model)                  # every rank starts from rank 0's weights
     loss = b.mean(loss.detach())        # metrics averaged over ranks
     b.close()
@@ -51,6 +52,11 @@ class Single:
 
     def no_sync(self, model: nn.Module):
         """Context for a backward pass whose gradients are not yet averaged (accumulation)."""
+        return contextlib.nullcontext()
+
+    def averaged(self, opt: torch.optim.Optimizer):
+        """Context in which the gradients are the ranks' average, for checks and the optimizer's
+        step. DDP's backward returns with them averaged; Horovod averages in the background."""
         return contextlib.nullcontext()
 
     def barrier(self) -> None:

@@ -8,6 +8,8 @@ patch and `make horovod` builds the wheel (see deploy/horovod/README.md).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -33,6 +35,14 @@ class Horovod(Single):
     def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module, accumulate: int = 1):
         return self.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
                                              backward_passes_per_step=accumulate, op=self.hvd.Average)
+
+    @contextlib.contextmanager
+    def averaged(self, opt):
+        """Waits for the allreduces the backward pass started: until then they write into the
+        gradients in the background, and reading them (the NaN check) races with that."""
+        opt.synchronize()
+        with opt.skip_synchronize():
+            yield
 
     def broadcast(self, model: nn.Module) -> None:
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)

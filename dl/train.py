@@ -276,11 +276,11 @@ class Run:
                 pos["correct"] += int((logits.detach().argmax(1) == y).sum())
             pos["batch"] = i + 1
             if last:
-                # the gradients are the ranks' average here: every rank sees the same and stops together
-                if not finite([q.grad for q in self.model.parameters() if q.grad is not None]):
-                    raise TrainError(f"epoch {e + 1} batch {i + 1}: the loss ({float(loss.detach()):.4g}) or its gradients "
-                                     f"are NaN or infinite: training diverged; lower train.lr (now {t.lr})")
-                self.opt.step()
+                with self.b.averaged(self.opt):  # every rank sees the same gradients and stops together
+                    if not finite([q.grad for q in self.model.parameters() if q.grad is not None]):
+                        raise TrainError(f"epoch {e + 1} batch {i + 1}: the loss ({float(loss.detach()):.4g}) or its "
+                                         f"gradients are NaN or infinite: training diverged; lower train.lr (now {t.lr})")
+                    self.opt.step()
                 self.opt.zero_grad()  # None grads (the default since torch 2.0; Horovod takes no argument)
                 self.sched.step()
                 pos["iteration"] += 1
