@@ -233,6 +233,11 @@ def _begin(spark: SparkSession, s: dict) -> None:
             lock_output(spark, s["final"][key])
             if not s["resume"]:
                 storage.delete(spark, s[key])
+    if s["resume"]:  # the run resumed may have completed and published: its best model carries on from there
+        for name in ("model.pt", "model.json"):
+            staged, final = f"{s['export']}/{name}", f"{s['final']['export']}/{name}"
+            if not storage.exists(spark, staged) and storage.exists(spark, final):
+                storage.write_bytes(spark, staged, storage.read_bytes(spark, final))
     storage.write_bytes(spark, f"{s['checkpoints']}/run.json", json.dumps(s["train"], indent=1).encode())
 
 

@@ -354,6 +354,9 @@ def test_14_resume_past_a_truncated_checkpoint(spark, tmp_path, capsys):
     assert run_job("train_cnn", *args, "--resume") == 0
     out = capsys.readouterr().out
     assert "skipped a damaged checkpoint" in out and Path(newest).name in out
+    # the run resumed had completed: its best model carries on (whether or not a resumed epoch beats it)
+    best = json.loads((lake / "reports" / "train_city" / "metrics.json").read_text())["best"]
+    assert json.loads((lake / "models" / "city" / "model.json").read_text())["epoch"] == best["epoch"]
 
 
 def test_16_17_18_launchers_validate_buckets_and_settings_and_print_no_secret(tmp_path, capsys):
