@@ -29,11 +29,18 @@ HOROVOD_STAMP := $(VENV)/.horovod
 
 .PHONY: setup demo test fuzz bundle jars horovod browser clean
 
-# Reinstalls only when pyproject.toml or constraints.txt change.
-$(STAMP): pyproject.toml constraints.txt
+# petastorm 0.13.1 patched for current pyarrow and numpy 2 (deploy/petastorm/): built once into
+# the wheel cache, the only place pip finds version 0.13.1+instalearn1.
+PETASTORM_WHEEL := $(WHEELS)/petastorm-0.13.1+instalearn1-py2.py3-none-any.whl
+
+$(PETASTORM_WHEEL): deploy/petastorm/build.sh deploy/petastorm/petastorm-0.13.1-pyarrow15.patch
+	PYTHON=$(PYTHON) deploy/petastorm/build.sh $(WHEELS)
+
+# Reinstalls only when pyproject.toml, constraints.txt or the petastorm patch change.
+$(STAMP): pyproject.toml constraints.txt $(PETASTORM_WHEEL)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt --find-links $(WHEELS) -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

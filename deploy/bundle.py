@@ -71,7 +71,8 @@ def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_
     venv = work / "venv"
     _run([python, "-m", "venv", venv])
     pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    constraints = ["-c", ROOT / "constraints.txt"]
+    # the patched petastorm (deploy/petastorm/, built by `make setup`) is found only in the wheel cache
+    constraints = ["-c", ROOT / "constraints.txt", "--find-links", ROOT / ".cache" / "wheels"]
     if flavor == "cpu":
         pins = {_name(line): line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
                 if _name(line) in TORCH}

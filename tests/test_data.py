@@ -81,3 +81,38 @@ def test_training_crops_are_random_and_mirrored_half_the_time_evaluation_takes_t
     ref = (torch.from_numpy(centre.copy()).permute(2, 0, 1).float() / 255 - torch.tensor([0.485, 0.456, 0.406])
            .view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     torch.testing.assert_close(x[0], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dataset_written_by_the_previous_stack_reads_the_same(tmp_path):
+    """tests/fixtures/petastorm-0.12.1: a cities dataset as build_dataset wrote it with petastorm
+    0.12.1, pyarrow 14 and numpy 1 (tests/fixtures/make_petastorm_dataset.py). Today's petastorm
+    (deploy/petastorm/) reads its schema and every row, through our loader, as that stack did."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
+
+    from dl.data import rows
+
+    src = Path(__file__).parent / "fixtures" / "petastorm-0.12.1"
+    assert json.loads((src / "written_by.json").read_text())["pyarrow"] == "14.0.2"
+    url = shutil.copytree(src / "dataset", tmp_path / "dataset").as_uri()
+    schema = get_schema_from_dataset_url(url)
+    assert list(schema.fields) == ["post_id", "image", "city", "label", "topics"]
+    assert schema.fields["image"].shape == (16, 16, 3) and schema.fields["topics"].shape == (3,)
+    want = np.load(src / "expected.npz")
+    got = {}
+    for rank in range(2):
+        for r in rows(url, rank, 2, 0, 0, list(schema.fields), True):
+            assert r["post_id"] not in got
+            got[r["post_id"]] = r
+    assert sorted(got) == list(want["post_id"])
+    for i, pid in enumerate(want["post_id"]):
+        r = got[pid]
+        assert (r["city"], r["label"]) == (want["city"][i], want["label"][i])
+        assert r["image"].dtype == np.uint8 and np.abs(r["image"].astype(int) - want["image"][i]).max() <= 1
+        if np.isnan(want["topics"][i]).all():
+            assert r["topics"] is None
+        else:
+            np.testing.assert_array_equal(r["topics"], want["topics"][i])
