@@ -186,13 +186,14 @@ def lsh_rows(batches, k: int, positions: np.ndarray):
                                               "level": level, "h": flat})
 
 
-def _pairs_in(rows: dict, group: np.ndarray, max_hamming: int, out: list) -> int:
+def _pairs_in(rows: dict, group: np.ndarray, max_hamming: int, out: list, window: int | None = None) -> int:
     """Ordered candidates (a at any level, b whole) among the rows whose `group` ids are equal
-    (consecutive), emitted when within max_hamming; returns how many were enumerated."""
+    (consecutive), at most `window` rows apart when given, emitted when within max_hamming;
+    returns how many were enumerated."""
     n = len(group)
     seen = 0
     offset = 1
-    while offset < n:
+    while offset < n and (window is None or offset <= window):
         same = np.flatnonzero(group[:-offset] == group[offset:])
         if len(same) == 0:
             break
@@ -220,16 +221,7 @@ def _bucket_pairs(rows: dict, lo: int, hi: int, positions: np.ndarray, k: int, c
         stats["windowed_rows"] += hi - lo
         order = idx[np.lexsort((rows["id"][idx], rows["h"][idx]))]
         part = {c: v[order] for c, v in rows.items()}
-        n = hi - lo
-        for offset in range(1, min(cap, n) + 1):
-            r, s = np.arange(n - offset), np.arange(offset, n)
-            d = popcount(part["h"][r] ^ part["h"][s])
-            for x, y in ((r, s), (s, r)):
-                ok = (part["level"][y] == 0) & (part["id"][x] != part["id"][y])
-                stats["candidates"] += int(ok.sum())
-                keep = ok & (d <= max_hamming)
-                if keep.any():
-                    out.append((part["id"][x][keep], part["level"][x][keep], part["id"][y][keep], d[keep]))
+        stats["candidates"] += _pairs_in(part, np.zeros(hi - lo, np.int64), max_hamming, out, window=cap)
         return
     sub = keys(rows["h"][idx], extra)
     order = idx[np.argsort(sub, kind="stable")]

@@ -122,6 +122,25 @@ def test_a_crowded_bucket_is_split_not_paired_whole(spark):
     assert within > 1000 and found >= 0.5 * within, (found, within, figures)
 
 
+def test_a_bucket_no_sub_key_separates_is_paired_within_a_window():
+    """300 rows of one hash (plain white images hash alike): no further bits split them, so each
+    row is paired only with the bucket_cap rows after it, both ways, and nothing else."""
+    import pyarrow as pa
+
+    from sparkml.dedup import lsh_pairs, table_positions
+
+    n, cap = 300, 50
+    batch = pa.RecordBatch.from_pydict({"t": np.zeros(n, np.int16), "key": np.zeros(n, np.int64),
+                                        "id": np.arange(n, dtype=np.int64), "level": np.zeros(n, np.int8),
+                                        "h": np.full(n, 12345, np.int64)})
+    out = list(lsh_pairs([batch], table_positions(1, 0), 16, cap, 6))
+    stats, found = out[-1].to_pydict(), pa.Table.from_batches(out[:-1]).to_pydict()
+    window = 2 * sum(n - offset for offset in range(1, cap + 1))  # ordered pairs at most cap apart
+    assert stats["t"] == [-1] and stats["n"] == [window] and stats["b"] == [n]  # every row windowed
+    pairs = list(zip(found["a"], found["b"]))
+    assert len(pairs) == len(set(pairs)) == window and all(0 < abs(a - b) <= cap for a, b in pairs)
+
+
 def test_prepare_accounts_and_rejects_with_reasons(spark, prepared):
     lake, truth = prepared
     s = read_summary(spark, lake.table("images"))
