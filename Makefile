@@ -41,6 +41,8 @@ $(STAMP): pyproject.toml constraints.txt $(PETASTORM_WHEEL)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt --find-links $(WHEELS) -e ".[dev]"
+	@# the same version number after a change to the patch: pip would keep the old build
+	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(PETASTORM_WHEEL)
 	touch $(STAMP)
 
 setup: $(STAMP)

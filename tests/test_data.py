@@ -116,3 +116,20 @@ def test_a_dataset_written_by_the_previous_stack_reads_the_same(tmp_path):
             assert r["topics"] is None
         else:
             np.testing.assert_array_equal(r["topics"], want["topics"][i])
+
+
+def test_the_threaded_reader_returns_every_row_every_time(tmp_path):
+    """petastorm 0.13.1's thread pool could declare the end of the results before the ventilator's
+    last items were counted (measured: 1 to 7 reads in 100 returned no rows at all); the patch
+    checks the ventilator first. 1,000 reads of the fixture, each must give all its rows."""
+    import shutil
+    from pathlib import Path
+
+    from petastorm import make_reader
+
+    src = Path(__file__).parent / "fixtures" / "petastorm-0.12.1"
+    url = shutil.copytree(src / "dataset", tmp_path / "dataset").as_uri()
+    want = sorted(np.load(src / "expected.npz")["post_id"])
+    for _ in range(1000):
+        with make_reader(url, num_epochs=1, workers_count=2, schema_fields=["post_id"]) as reader:
+            assert sorted(r.post_id for r in reader) == want
