@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CACHE, ROOT, header
+from _common import CACHE, header
 from load import submit
 
 WORK = CACHE / "dedup-scale"
@@ -155,7 +155,6 @@ def recall(lake: Path, truth: dict) -> dict:
         planted = [(p, s) for p, (s, k) in truth.items() if k == kind]
         out[kind] = np.mean([canonical.get(p, p) == canonical.get(s, s) for p, s in planted]) if planted else None
     src = {p: s for p, (s, _) in truth.items()}
-    root = {}
 
     def origin(p):  # a copy of a copy: its scene
         while p in src:
@@ -165,7 +164,6 @@ def recall(lake: Path, truth: dict) -> dict:
     bad = sum(origin(p) != origin(c) for p, c in canonical.items())
     out["precision"] = 1 - bad / max(1, len(canonical))
     out["reported"] = len(canonical)
-    del root
     return out
 
 

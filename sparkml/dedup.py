@@ -246,12 +246,12 @@ def lsh_pairs(batches, positions: np.ndarray, k: int, cap: int, max_hamming: int
     import pyarrow as pa
 
     stats = {"candidates": 0, "split_buckets": 0, "windowed_rows": 0}
-    carry = None
+    carry = carry_tk = None
     cols = ("t", "key", "id", "level", "h")
 
-    def process(rows: dict) -> list:
+    def process(rows: dict, tk: np.ndarray) -> list:
+        """The candidates of whole buckets; tk: each row's bucket (table, key)."""
         out: list = []
-        tk = rows["t"].astype(np.int64) * (1 << 40) + rows["key"]  # k <= 40 bits
         starts = np.flatnonzero(np.r_[True, tk[1:] != tk[:-1]])
         sizes = np.diff(np.r_[starts, len(tk)])
         group = np.repeat(np.arange(len(starts)), sizes)
@@ -274,13 +274,14 @@ def lsh_pairs(batches, positions: np.ndarray, k: int, cap: int, max_hamming: int
         rows = {c: batch.column(c).to_numpy() for c in cols}
         if carry is not None:
             rows = {c: np.concatenate([carry[c], rows[c]]) for c in cols}
-        tk = rows["t"].astype(np.int64) * (1 << 40) + rows["key"]
+        tk = rows["t"].astype(np.int64) * (1 << 40) + rows["key"]  # one id per bucket (k <= 40 bits)
         last = np.searchsorted(tk, tk[-1])  # the last bucket may go on in the next batch
         carry = {c: v[last:] for c, v in rows.items()}
+        carry_tk = tk[last:]
         if last:
-            yield from emit(process({c: v[:last] for c, v in rows.items()}))
+            yield from emit(process({c: v[:last] for c, v in rows.items()}, tk[:last]))
     if carry is not None and len(carry["t"]):
-        yield from emit(process(carry))
+        yield from emit(process(carry, carry_tk))
     yield pa.RecordBatch.from_pydict({"t": np.array([-1], np.int16), "n": np.array([stats["candidates"]], np.int64),
                                       "a": np.array([stats["split_buckets"]], np.int64),
                                       "level": np.array([0], np.int8), "b": np.array([stats["windowed_rows"]], np.int64),
@@ -327,8 +328,9 @@ def components(edges: DataFrame) -> DataFrame:
     by value) of its connected component, found on the executors, never collected: each round every
     node takes the lowest label among its own and its neighbours', then its label's label (pointer
     jumping, so a chain of n images settles in about log2(n) rounds), until no label changes."""
-    def key(c: str):
-        return F.struct(F.length(c).alias("n"), F.col(c).alias("s"))
+    def key(c: str):  # compares as _order_key does; the id itself is field s
+        length, value = _order_key(c)
+        return F.struct(length.alias("n"), value.alias("s"))
 
     both = edges.select(F.col("a").alias("u"), F.col("b").alias("v")) \
         .union(edges.select(F.col("b").alias("u"), F.col("a").alias("v"))).persist()
