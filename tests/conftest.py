@@ -29,6 +29,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(autouse=True)
+def _jvm_threads_before_timeout(request):
+    """A minute before pytest-timeout fails a hung test (it prints the Python threads), the Spark
+    driver JVM's threads go to stderr too (jcmd Thread.print): a hang inside a Spark call then
+    shows where the JVM waits."""
+    import subprocess
+    import threading
+
+    limit = float(request.config.getini("timeout") or 0)
+
+    def dump():
+        from pyspark import SparkContext
+
+        sc = SparkContext._active_spark_context
+        proc = getattr(getattr(sc, "_gateway", None), "proc", None)
+        if proc is not None:
+            out = subprocess.run(["jcmd", str(proc.pid), "Thread.print"], capture_output=True, text=True, timeout=60)
+            print(f"+++ Spark driver JVM threads, {request.node.nodeid} still running after {limit - 60:.0f} s +++\n"
+                  + out.stdout + out.stderr, file=sys.__stderr__, flush=True)
+
+    timer = threading.Timer(limit - 60, dump) if limit > 120 else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    yield
+    if timer:
+        timer.cancel()
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
