@@ -34,6 +34,13 @@ def s3a_conf(cfg: Config) -> dict[str, str]:
             "com.amazonaws.auth.EnvironmentVariableCredentialsProvider,"
             "com.amazonaws.auth.DefaultAWSCredentialsProviderChain"
         ),
+        # Hadoop 3.4 (Spark 4) writes these defaults with units ("60s"), which a hadoop-aws 3.3 jar
+        # (what sparkml.jars fetches for s3a outside the clusters) reads as plain numbers and
+        # fails on: the same values, as numbers in the unit both versions read them in.
+        "spark.hadoop.fs.s3a.threads.keepalivetime": "60",  # s
+        "spark.hadoop.fs.s3a.connection.establish.timeout": "30000",  # ms
+        "spark.hadoop.fs.s3a.connection.timeout": "200000",  # ms
+        "spark.hadoop.fs.s3a.multipart.purge.age": "86400",  # s
     }
     if cfg.s3.endpoint:
         conf["spark.hadoop.fs.s3a.endpoint"] = cfg.s3.endpoint
