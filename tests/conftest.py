@@ -161,8 +161,11 @@ def planted(truth: dict, kind: str, layout: str = "instacities") -> list[dict]:
 
 def rejects_by_reason(spark, lake, stage: str) -> dict[str, set[str]]:
     """The stage's rejected table as reason -> post_ids."""
-    rejected = spark.read.parquet(lake.rejected(stage)).toPandas()
-    return rejected.groupby("reason").post_id.apply(set).to_dict()
+    rows = spark.read.parquet(lake.rejected(stage)).select("reason", "post_id").collect()
+    out: dict[str, set[str]] = {}
+    for r in rows:  # a missing post_id stays None (pandas 3's string dtype would make it NaN)
+        out.setdefault(r.reason, set()).add(r.post_id)
+    return out
 
 
 def make_export(root: Path, photos: list[Path], nested: bool = False) -> dict:
