@@ -1,8 +1,22 @@
 # The two commands the README leads with: `make demo` and `make test`.
-# Both work on a fresh machine with Python 3.11, Java 17 and make.
+# Both work on a fresh machine with Python 3.12 and 3.11, Java 17 and make.
 
-PYTHON ?= python3
-VENV   := .venv
+# Two stacks (pyproject.toml): spark35 (Spark 3.5, Python 3.11, constraints-spark35.txt) for EMR 7 and
+# Dataproc 2.x, and spark4 (Spark 4.0, Python 3.12, constraints.txt) for EMR 8 and Dataproc 3.0/4.0.
+# The default stack lives in .venv, the other in .venv-<stack>: `make test STACK=spark4`.
+DEFAULT_STACK := spark35
+STACK ?= $(DEFAULT_STACK)
+ifeq ($(STACK),spark4)
+PY_VERSION  := 3.12
+CONSTRAINTS := constraints.txt
+else ifeq ($(STACK),spark35)
+PY_VERSION  := 3.11
+CONSTRAINTS := constraints-spark35.txt
+else
+$(error STACK must be spark4 or spark35, not '$(STACK)')
+endif
+VENV := $(if $(filter $(STACK),$(DEFAULT_STACK)),.venv,.venv-$(STACK))
+PYTHON ?= $(shell deploy/find-python.sh $(PY_VERSION))
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= conf/local.yaml
@@ -24,7 +38,9 @@ SUBMIT := spark-submit --driver-memory 6g --master 'local[*,4]'
 # Horovod 0.28.1 patched for torch 2.14 (deploy/horovod/): built once into a cache outside git,
 # installed into the venv only for the tests and for train.backend=horovod.
 WHEELS        := .cache/wheels
-HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-cp311-cp311-linux_x86_64.whl
+comma         := ,
+PY_TAG        := cp$(subst .,,$(PY_VERSION))
+HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-$(PY_TAG)-$(PY_TAG)-linux_x86_64.whl
 HOROVOD_STAMP := $(VENV)/.horovod
 
 .PHONY: setup demo test fuzz bundle jars horovod browser clean
@@ -36,11 +52,14 @@ PETASTORM_WHEEL := $(WHEELS)/petastorm-0.13.1+instalearn1-py2.py3-none-any.whl
 $(PETASTORM_WHEEL): deploy/petastorm/build.sh deploy/petastorm/petastorm-0.13.1-pyarrow15.patch
 	PYTHON=$(PYTHON) deploy/petastorm/build.sh $(WHEELS)
 
-# Reinstalls only when pyproject.toml, constraints.txt or the petastorm patch change.
-$(STAMP): pyproject.toml constraints.txt $(PETASTORM_WHEEL)
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# Reinstalls only when pyproject.toml, the stack's constraints or the petastorm patch change; a venv
+# of another Python (a .venv made before the default moved to 3.12) is made anew.
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(PETASTORM_WHEEL)
+	@test -n "$(PYTHON)" || { echo "make: no Python $(PY_VERSION) for STACK=$(STACK): give PYTHON=/path/to/python$(PY_VERSION)"; exit 2; }
+	$(BIN)/python -c 'import sys; sys.exit(sys.version_info[:2] != ($(subst .,$(comma),$(PY_VERSION))))' 2>/dev/null \
+		|| { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt --find-links $(WHEELS) -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) --find-links $(WHEELS) -e ".[dev]"
 	@# the same version number after a change to the patch: pip would keep the old build
 	$(BIN)/python -m pip install -q --no-deps --force-reinstall $(PETASTORM_WHEEL)
 	touch $(STAMP)
@@ -56,7 +75,7 @@ $(HOROVOD_WHEEL): deploy/horovod/build.sh deploy/horovod/horovod-0.28.1-torch2.1
 	PYTHON=$(BIN)/python deploy/horovod/build.sh $(WHEELS)
 
 $(HOROVOD_STAMP): $(HOROVOD_WHEEL) $(STAMP)
-	$(BIN)/python -m pip install -q -c constraints.txt $(HOROVOD_WHEEL)
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) $(HOROVOD_WHEEL)
 	touch $@
 
 horovod: $(HOROVOD_STAMP)
@@ -92,7 +111,7 @@ demo: setup
 	@echo "The report: $(CURDIR)/data/lake/reports/index.html"
 
 test: setup jars horovod browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

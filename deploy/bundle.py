@@ -1,5 +1,5 @@
 """Build what a cluster needs: a venv-pack archive of the pinned environment (the project wheel
-installed into a fresh venv with constraints.txt), the wheel itself, and a bundle.json saying
+installed into a fresh venv with its stack's constraints), the wheel itself, and a bundle.json saying
 what is inside; optionally upload them with the jobs and profiles to s3:// or gs://.
 
 Flavors:
@@ -12,7 +12,9 @@ pyspark is removed from the archive: the cluster's own Spark is on the executors
 The venv's python is a link to the cluster's interpreter (--python-prefix, where bin/python3.X
 lives there: /usr on EMR 7.1+ with python3.11 installed by deploy/emr/bootstrap.sh,
 /opt/conda/default on Dataproc 2.2 images), so build it with the same Python minor version
-(--python), on the same OS family (x86_64 manylinux wheels).
+(--python), on the same OS family (x86_64 manylinux wheels). --stack picks the pinned set
+(docs/platforms.md): spark35 (constraints-spark35.txt) for EMR 7 / Dataproc 2.x, spark4
+(constraints.txt) for EMR 8 / Dataproc 3.0+; by default spark35 for Python 3.11, spark4 above.
 
     python -m deploy.bundle --flavor cpu --python python3.11 --python-prefix /usr
     python -m deploy.bundle --flavor gpu --upload s3://my-bucket/instalearn/deploy
@@ -36,6 +38,7 @@ TORCH = ("torch", "torchvision")
 NO_TORCH = ("torch", "torchvision", "tensorboard")
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 REMOVED = ("pyspark", "py4j")  # the cluster's Spark provides them
+STACKS = {"spark4": "constraints.txt", "spark35": "constraints-spark35.txt"}
 
 
 def _name(req: str) -> str:
@@ -55,7 +58,8 @@ def _run(cmd: list, **kw) -> None:
     subprocess.run([str(c) for c in cmd], check=True, **kw)
 
 
-def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_index: str, compress: int) -> dict:
+def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_index: str, compress: int,
+          stack: str | None = None) -> dict:
     if flavor not in FLAVORS:
         raise SystemExit(f"bundle: error: --flavor {flavor}: one of {', '.join(FLAVORS)}")
     import venv_pack
@@ -70,23 +74,25 @@ def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_
     wheel = sorted(out.glob(f"instalearn-{version}-*.whl"))[-1]
     venv = work / "venv"
     _run([python, "-m", "venv", venv])
+    pyver = subprocess.run([venv / "bin" / "python", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    stack = stack or ("spark35" if pyver == "3.11" else "spark4")
+    pinned = ROOT / STACKS[stack]
     pip = [venv / "bin" / "python", "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     # the patched petastorm (deploy/petastorm/, built by `make setup`) is found only in the wheel cache
-    constraints = ["-c", ROOT / "constraints.txt", "--find-links", ROOT / ".cache" / "wheels"]
+    constraints = ["-c", pinned, "--find-links", ROOT / ".cache" / "wheels"]
     if flavor == "cpu":
-        pins = {_name(line): line.strip() for line in (ROOT / "constraints.txt").read_text().splitlines()
+        pins = {_name(line): line.strip() for line in pinned.read_text().splitlines()
                 if _name(line) in TORCH}
         _run([*pip, "--index-url", torch_index, *pins.values()])
     _run([*pip, *constraints, *requirements(flavor)])
     _run([*pip, "--no-deps", wheel])
     _run([venv / "bin" / "python", "-m", "pip", "uninstall", "-q", "-y", *REMOVED])
-    pyver = subprocess.run([venv / "bin" / "python", "-c", "import sys; print(f'{sys.version_info[0]}.{sys.version_info[1]}')"],
-                           capture_output=True, text=True, check=True).stdout.strip()
     archive = out / f"instalearn-{version}-{flavor}-py{pyver.replace('.', '')}.tar.gz"
     archive.unlink(missing_ok=True)
     t1 = time.perf_counter()
     venv_pack.pack(prefix=str(venv), output=str(archive), python_prefix=python_prefix, compress_level=compress)
-    info = {"archive": archive.name, "wheel": wheel.name, "flavor": flavor, "python": pyver,
+    info = {"archive": archive.name, "wheel": wheel.name, "flavor": flavor, "stack": stack, "python": pyver,
             "python_prefix": python_prefix or "(the build machine's)", "bytes": archive.stat().st_size,
             "unpacked_bytes": sum(f.stat().st_size for f in venv.rglob("*") if f.is_file() and not f.is_symlink()),
             "install_seconds": round(t1 - t0, 1), "pack_seconds": round(time.perf_counter() - t1, 1),
@@ -123,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable, help="interpreter of the venv (the cluster's minor version)")
     ap.add_argument("--python-prefix", help="prefix of that Python on the cluster (/usr on EMR, /opt/conda/default "
                                             "on Dataproc); default: this machine's")
+    ap.add_argument("--stack", choices=sorted(STACKS), help="the pinned set (docs/platforms.md); default: spark35 "
+                                                            "for Python 3.11, spark4 above")
     ap.add_argument("--torch-index", default=TORCH_CPU_INDEX, help="index of the CPU torch wheels (--flavor cpu)")
     ap.add_argument("--out", type=Path, default=ROOT / ".cache" / "bundle")
     ap.add_argument("--compress", type=int, default=4, help="gzip level")
     ap.add_argument("--upload", metavar="URI", help="s3://bucket/prefix or gs://bucket/prefix: upload archive and wheel")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    info = build(args.flavor, args.out, args.python, args.python_prefix, args.torch_index, args.compress)
+    info = build(args.flavor, args.out, args.python, args.python_prefix, args.torch_index, args.compress, args.stack)
     if args.upload:
         base = args.upload.rstrip("/")
         upload([(args.out / n, f"{base}/{n}") for n in (info["archive"], info["wheel"], f"{info['archive']}.json")],

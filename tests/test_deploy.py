@@ -252,7 +252,8 @@ def test_the_packed_bundle_runs_a_stage_under_spark_submit(tmp_path, sample):
                                       "print(u.find_spec('torch'), u.find_spec('pyspark'))"],
                            capture_output=True, text=True, cwd=tmp_path)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.splitlines() == [str(env / "lib" / "python3.11" / "site-packages" / "sparkml" / "__init__.py"),
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert probe.stdout.splitlines() == [str(env / "lib" / f"python{minor}" / "site-packages" / "sparkml" / "__init__.py"),
                                          "None None"]
     spark_home = Path(__import__("pyspark").__file__).parent
     run_env = {k: v for k, v in os.environ.items() if k not in ("PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "PYTHONPATH")}
@@ -267,7 +268,8 @@ def test_the_packed_bundle_runs_a_stage_under_spark_submit(tmp_path, sample):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((lake / "tables" / "posts" / "_SUMMARY.json").read_text())
     assert summary["balanced"] and summary["input_rows"] == truth["manifest_rows"]
-    assert info["bytes"] > 0 and info["python"] == "3.11"
+    assert info["bytes"] > 0 and info["python"] == minor
+    assert info["stack"] == ("spark35" if minor == "3.11" else "spark4")
 
 
 def test_staged_weights_travel_to_the_bucket_for_clusters_without_internet(tmp_path, weights, capsys):
