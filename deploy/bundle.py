@@ -10,13 +10,13 @@ Flavors:
 pyspark is removed from the archive: the cluster's own Spark is on the executors' PYTHONPATH.
 
 The venv's python is a link to the cluster's interpreter (--python-prefix, where bin/python3.X
-lives there: /usr on EMR 7.1+ with python3.11 installed by deploy/emr/bootstrap.sh,
-/opt/conda/default on Dataproc 2.2 images), so build it with the same Python minor version
+lives there: /usr on EMR with python3.X installed by deploy/emr/bootstrap.sh,
+/opt/conda/default on Dataproc images), so build it with the same Python minor version
 (--python), on the same OS family (x86_64 manylinux wheels). --stack picks the pinned set
 (docs/platforms.md): spark35 (constraints-spark35.txt) for EMR 7 / Dataproc 2.x, spark4
 (constraints.txt) for EMR 8 / Dataproc 3.0+; by default spark35 for Python 3.11, spark4 above.
 
-    python -m deploy.bundle --flavor cpu --python python3.11 --python-prefix /usr
+    python -m deploy.bundle --flavor cpu --python python3.12 --python-prefix /usr
     python -m deploy.bundle --flavor gpu --upload s3://my-bucket/instalearn/deploy
 """
 

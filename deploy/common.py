@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparkml.config import ConfigError, read_yaml  # noqa: E402
+from sparkml.config import ConfigError, _merge, read_yaml  # noqa: E402
 from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
 
 ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
@@ -63,9 +63,16 @@ def refuse_secrets(tree, where: str, path: str = "") -> None:
 
 def load_settings(path: str | Path, overrides: list[str] = (), schema: type | None = None) -> dict:
     """A YAML settings file (safe_load) with key=value overrides (dotted keys), secrets refused,
-    validated against `schema` (a pydantic model: unknown keys and wrong types are one line)."""
+    validated against `schema` (a pydantic model: unknown keys and wrong types are one line).
+    `extends: other.yaml` (beside the file) reads that one first and the file's keys over it."""
     try:
-        tree = read_yaml(path)
+        tree, seen = read_yaml(path), [Path(path).resolve()]
+        while "extends" in tree:
+            base = seen[-1].parent / str(tree.pop("extends"))
+            if base.resolve() in seen:
+                raise DeployError(f"{path}: extends {base.name} in a loop")
+            seen.append(base.resolve())
+            tree = _merge(read_yaml(base), tree)
     except ConfigError as e:
         raise DeployError(str(e)) from None
     for text in overrides:
@@ -151,17 +158,23 @@ def find_bundle(flavor: str, python: str, given: str | None) -> Path:
     return BUNDLES / name
 
 
-def check_bundle(bundle: Path, python: str, dry_run: bool) -> None:
+def check_bundle(bundle: Path, python: str, dry_run: bool, stack: str | None = None) -> None:
+    """The archive exists (unless dry_run) and was built for the cluster's Python and stack
+    (docs/platforms.md: spark4 for Spark 4 platforms, spark35 for Spark 3.5 ones)."""
     if not bundle.is_file():
         if dry_run:
             return
         raise DeployError(f"{bundle}: no such archive; build it with `make bundle` (or pass --bundle)")
     info = Path(f"{bundle}.json")
     if info.is_file():
-        built = json.loads(info.read_text())["python"]
+        meta = json.loads(info.read_text())
+        built, packed = meta["python"], meta.get("stack")
         if built != python:
             raise DeployError(f"{bundle.name} was built with Python {built}, the cluster runs {python}: rebuild it with "
                               f"`python -m deploy.bundle --python python{python}`")
+        if stack and packed and packed != stack:
+            raise DeployError(f"{bundle.name} holds the {packed} stack, the settings say {stack}: rebuild it with "
+                              f"`python -m deploy.bundle --stack {stack}`")
 
 
 def _fill(tree, bucket: str):

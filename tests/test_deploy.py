@@ -35,7 +35,7 @@ def _validate(service: str, operation: str, params: dict) -> None:
     validate_parameters(params, model.input_shape)  # raises ParamValidationError on any bad field
 
 
-def _bundle(tmp_path: Path, python: str = "3.11") -> Path:
+def _bundle(tmp_path: Path, python: str = "3.12", stack: str | None = None) -> Path:
     """A small stand-in archive for the upload tests (the real one is built in the last test)."""
     src = tmp_path / f"env{python}"
     (src / "bin").mkdir(parents=True)
@@ -43,7 +43,7 @@ def _bundle(tmp_path: Path, python: str = "3.11") -> Path:
     out = tmp_path / f"instalearn-test-gpu-py{python.replace('.', '')}.tar.gz"
     with tarfile.open(out, "w:gz") as tar:
         tar.add(src, arcname=".")
-    Path(f"{out}.json").write_text(json.dumps({"python": python}))
+    Path(f"{out}.json").write_text(json.dumps({"python": python, **({"stack": stack} if stack else {})}))
     return out
 
 
@@ -71,9 +71,10 @@ def test_emr_dry_run_prints_valid_requests_for_the_whole_pipeline(tmp_path, caps
     flow, steps = req["run_job_flow"], req["add_job_flow_steps"]
     _validate("emr", "RunJobFlow", flow)
     _validate("emr", "AddJobFlowSteps", dict(steps, JobFlowId="j-TEST"))
-    assert flow["ReleaseLabel"].startswith("emr-7.") and int(flow["ReleaseLabel"].split(".")[1]) >= 1
+    assert flow["ReleaseLabel"].startswith("emr-8.")  # Spark 4
     assert flow["LogUri"] == "s3://bkt1/instalearn/logs/"
-    assert flow["BootstrapActions"][0]["ScriptBootstrapAction"]["Path"].endswith("/deploy/bootstrap.sh")
+    boot = flow["BootstrapActions"][0]["ScriptBootstrapAction"]
+    assert boot["Path"].endswith("/deploy/bootstrap.sh") and boot["Args"] == ["3.12"]
     classes = {c["Classification"] for c in flow["Configurations"]}
     assert {"spark-defaults", "spark-env", "yarn-site", "capacity-scheduler"} <= classes
     roles = [g["InstanceRole"] for g in flow["Instances"]["InstanceGroups"]]
@@ -104,6 +105,19 @@ def test_emr_dry_run_prints_valid_requests_for_the_whole_pipeline(tmp_path, caps
     uploaded = {u["to"] for u in req["uploads"]}
     assert {f"{base}0.1.0/{s.path}" for s in stages(CLUSTER)} <= uploaded
     assert f"{base}0.1.0/conf/emr.yaml" in uploaded and f"{base}0.1.0/{bundle.name}" in uploaded
+
+
+def test_the_emr7_profile_takes_the_spark35_bundle_and_refuses_the_other(tmp_path, capsys):
+    """deploy/emr/cluster-emr7.yaml extends cluster.yaml: EMR 7.x, Python 3.11, the spark35 stack."""
+    emr7 = ["--settings", str(ROOT / "deploy" / "emr" / "cluster-emr7.yaml"), "--bucket", "bkt1", "--dry-run"]
+    assert launch.main([*emr7, "--bundle", str(_bundle(tmp_path, "3.11", "spark35"))]) == 0
+    flow = json.loads(capsys.readouterr().out)["run_job_flow"]
+    _validate("emr", "RunJobFlow", flow)
+    assert flow["ReleaseLabel"].startswith("emr-7.") and int(flow["ReleaseLabel"].split(".")[1]) >= 1
+    assert flow["BootstrapActions"][0]["ScriptBootstrapAction"]["Args"] == ["3.11"]
+    assert flow["Instances"]["InstanceGroups"][0]["InstanceType"] == "m6i.2xlarge"  # the rest from cluster.yaml
+    assert launch.main([*emr7, "--bundle", str(_bundle(tmp_path / "b", "3.11", "spark4"))]) == 2
+    assert "holds the spark4 stack, the settings say spark35" in capsys.readouterr().err
 
 
 def test_emr_serverless_dry_run(tmp_path, capsys):
@@ -198,7 +212,8 @@ def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsy
     (create,) = [c for c in cmds if c[:4] == ["gcloud", "dataproc", "clusters", "create"]]
     jobs = [c for c in cmds if c[:5] == ["gcloud", "dataproc", "jobs", "submit", "pyspark"]]
     assert len(uploads) + 1 + len(jobs) == len(cmds) and cmds.index(create) == len(uploads)
-    assert "--image-version=2.2-debian12" in create and "--worker-accelerator=type=nvidia-l4,count=1" in create
+    assert "--image-version=3.0-debian12" in create and "--worker-accelerator=type=nvidia-l4,count=1" in create
+    assert "--metadata=instalearn-python=3.12,gpu-driver-provider=NVIDIA,gpu-driver-version=580.95.05" in create
     init = next(a for a in create if a.startswith("--initialization-actions="))
     assert init.endswith("/deploy/init.sh") and "install_gpu_driver.sh" in init
     base = "gs://gbkt/instalearn/deploy/0.1.0"
@@ -211,12 +226,18 @@ def test_dataproc_commands_for_the_whole_pipeline_and_serverless(tmp_path, capsy
         assert c[c.index("--") + 1:][:2] == ["--config", "dataproc.yaml"]
         if stage.needs == TRAIN:
             assert props["spark.dynamicAllocation.enabled"] == "false" and props["spark.task.resource.gpu.amount"] == "1"
-    assert submit.main(["--bucket", "gbkt", "--bundle", str(_bundle(tmp_path, "3.12")), "--serverless"]) == 0
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(bundle), "--serverless"]) == 0
     batches = [shlex.split(x) for x in capsys.readouterr().out.splitlines() if " batches submit " in x]
-    assert len(batches) == len(stages(CLUSTER)) and all("--version=2.2" in b for b in batches)
+    assert len(batches) == len(stages(CLUSTER)) and all("--version=3.0" in b for b in batches)
     # a bundle built for another Python than the target's is refused before anything runs
-    assert submit.main(["--bucket", "gbkt", "--bundle", str(bundle), "--serverless", "--execute"]) == 2
+    old = _bundle(tmp_path / "old", "3.11", "spark35")
+    assert submit.main(["--bucket", "gbkt", "--bundle", str(old), "--serverless", "--execute"]) == 2
     assert "Python 3.11" in capsys.readouterr().err
+    # images 2.2 / 2.3 (Spark 3.5): the 2.x profile over cluster.yaml takes that bundle
+    assert submit.main(["--settings", str(ROOT / "deploy" / "dataproc" / "cluster-2x.yaml"), "--bucket", "gbkt",
+                        "--bundle", str(old)]) == 0
+    (create,) = [shlex.split(x) for x in capsys.readouterr().out.splitlines() if " clusters create " in x]
+    assert "--image-version=2.2-debian12" in create and "--metadata=instalearn-python=3.11" in create
 
 
 def test_dataproc_execute_runs_in_order_and_stops_at_the_first_failure(tmp_path, capsys, monkeypatch):

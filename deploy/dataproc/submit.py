@@ -56,6 +56,7 @@ class _Accelerator(_Strict):
 class _Serverless(_Strict):
     version: str = Field(pattern=r"^\d+\.\d+$")
     python: str = Field(pattern=r"^3\.\d+$")
+    stack: Literal["spark4", "spark35"] = "spark4"
 
 
 class Settings(_Strict):
@@ -68,7 +69,8 @@ class Settings(_Strict):
     bucket: str
     prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
     image_version: str = Field(min_length=1)
-    python: str = Field("3.11", pattern=r"^3\.\d+$")
+    python: str = Field("3.12", pattern=r"^3\.\d+$")
+    stack: Literal["spark4", "spark35"] = "spark4"
     bundle: Literal["gpu", "cpu", "data"] = "cpu"
     master: _Machines
     workers: _Machines
@@ -99,13 +101,14 @@ def create_cluster(s: dict, base: str, gpu: dict | None) -> list[str]:
            "--properties=spark:spark.task.maxFailures=4"]
     if s.get("zone"):
         cmd.append(f"--zone={s['zone']}")
-    actions = []
+    actions, metadata = [], [f"instalearn-python={s['python']}"]  # init.sh checks that Python
     if gpu:
         a = s["accelerator"]
         cmd.append(f"--worker-accelerator=type={a['type']},count={a['count']}")
         # NVIDIA's driver (>= 580 for CUDA 13) and YARN's GPU scheduling, by Dataproc's own action
         actions.append(f"gs://goog-dataproc-initialization-actions-{s['region']}/gpu/install_gpu_driver.sh")
-        cmd.append(f"--metadata=gpu-driver-provider=NVIDIA,gpu-driver-version={a['driver_version']}")
+        metadata += ["gpu-driver-provider=NVIDIA", f"gpu-driver-version={a['driver_version']}"]
+    cmd.append(f"--metadata={','.join(metadata)}")
     actions.append(f"{base}/deploy/init.sh")
     cmd.append(f"--initialization-actions={','.join(actions)}")
     return cmd
@@ -165,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
             raise DeployError("no bucket: pass --bucket or set bucket in the settings")
         check_bucket(args.bucket, "gs")
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
-        python = str(s["serverless"]["python"] if args.serverless else s.get("python", "3.11"))
+        python = str(s["serverless"]["python"] if args.serverless else s["python"])
+        stack = s["serverless"]["stack"] if args.serverless else s["stack"]
         check_flavor(s.get("bundle", "cpu"), pipeline)
         bundle = find_bundle(s.get("bundle", "cpu"), python, args.bundle)
-        check_bundle(bundle, python, not args.execute)
+        check_bundle(bundle, python, not args.execute, stack)
         profile = render_profile(Path(args.config), args.bucket, ROOT / ".cache" / "deploy" / "dataproc")
         lake = check_profile(profile)["lake"]
         todo = commands(s, args, pipeline, bundle, profile)

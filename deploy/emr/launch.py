@@ -66,7 +66,8 @@ class Settings(_Strict):
     prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
     release_label: str = Field(pattern=r"^emr-\d+\.\d+\.\d+$")
     bundle: Literal["gpu", "cpu", "data"] = "gpu"
-    python: str = Field("3.11", pattern=r"^3\.\d+$")
+    python: str = Field("3.12", pattern=r"^3\.\d+$")
+    stack: Literal["spark4", "spark35"] = "spark4"
     primary: _Node
     core: _Node
     gpu: _Gpu = Field(default_factory=lambda: _Gpu(type="g6.4xlarge"))
@@ -139,7 +140,7 @@ def run_job_flow_request(s: dict, base: str, log_uri: str, gpu: dict | None) -> 
         "Applications": [{"Name": "Spark"}, {"Name": "Hadoop"}],
         "Instances": instances,
         "BootstrapActions": [{"Name": "instalearn OS packages",
-                              "ScriptBootstrapAction": {"Path": f"{base}/deploy/bootstrap.sh", "Args": []}}],
+                              "ScriptBootstrapAction": {"Path": f"{base}/deploy/bootstrap.sh", "Args": [s["python"]]}}],
         "Configurations": configurations(s, gpu),
         "JobFlowRole": s["instance_profile"], "ServiceRole": s["service_role"],
         "AutoTerminationPolicy": {"IdleTimeout": int(s["idle_timeout"])},
@@ -239,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = cluster_stages(args.stages.split(",") if args.stages else None)
         root = f"s3://{bucket}/{s['prefix']}"
         base, log_uri = f"{root}/deploy/{version()}", f"{root}/logs/"
-        python = str(s.get("python", "3.11"))
+        python = str(s["python"])
         bundle = find_bundle(s.get("bundle", "gpu"), python, args.bundle)
-        check_bundle(bundle, python, args.dry_run)
+        check_bundle(bundle, python, args.dry_run, s["stack"])
         gpu = None if args.serverless else gpu_settings(s)
         check_flavor(s.get("bundle", "gpu"), pipeline)
         profile = render_profile(Path(args.config), bucket, ROOT / ".cache" / "deploy" / "emr")
