@@ -19,7 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparkml.config import ConfigError, _merge, read_yaml  # noqa: E402
+from sparkml.config import ConfigError, merge, read_yaml  # noqa: E402
 from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
 
 ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
@@ -72,7 +72,7 @@ def load_settings(path: str | Path, overrides: list[str] = (), schema: type | No
             if base.resolve() in seen:
                 raise DeployError(f"{path}: extends {base.name} in a loop")
             seen.append(base.resolve())
-            tree = _merge(read_yaml(base), tree)
+            tree = merge(read_yaml(base), tree)
     except ConfigError as e:
         raise DeployError(str(e)) from None
     for text in overrides:

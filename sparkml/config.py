@@ -456,17 +456,18 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge(base: dict, top: dict) -> dict:
+    """top over base, sections merged key by key."""
     out = dict(base)
     for key, value in top.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None) -> Config:
     """Read a YAML profile over `base` (a preset's sections), apply `key=value` overrides,
     validate; raise ConfigError."""
-    tree = _merge(base or {}, read_yaml(path))
+    tree = merge(base or {}, read_yaml(path))
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value)
