@@ -1,5 +1,5 @@
 # The two commands the README leads with: `make demo` and `make test`.
-# Both work on a fresh machine with Python 3.12 and 3.11, Java 17 and make.
+# Both work on a fresh machine with Python 3.11 (3.12 for STACK=spark4), Java 17 and make.
 
 # Two stacks (pyproject.toml): spark35 (Spark 3.5, Python 3.11, constraints-spark35.txt) for EMR 7 and
 # Dataproc 2.x, and spark4 (Spark 4.0, Python 3.12, constraints.txt) for EMR 8 and Dataproc 3.0/4.0.
