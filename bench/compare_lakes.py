@@ -1,5 +1,5 @@
-"""Compare two demo lakes (the same pipeline run on two stacks): every output's row counts and
-accounting from its _SUMMARY.json, the dedup groups, the caption topic vectors (largest
+"""Compare two demo lakes (the same pipeline run on two stacks): every output's row counts,
+accounting and stage seconds from its _SUMMARY.json, the dedup groups, the caption topic vectors (largest
 difference), and the headline figures (city top-1, likability SVM table, retrieval).
 
     python bench/compare_lakes.py data/lake-spark35 data/lake
@@ -61,14 +61,19 @@ def figures(lake: Path) -> dict[str, object]:
 def main(a: str, b: str) -> int:
     la, lb = Path(a), Path(b)
     sa, sb = summaries(la), summaries(lb)
-    print(f"| output | {la.name}: in / out / rejected / duplicates | {lb.name} | same |\n|---|---|---|---|")
+    print(f"| output | {la.name}: in / out / rejected / duplicates | {lb.name} | same | seconds {la.name} / "
+          f"{lb.name} |\n|---|---|---|---|---|")
     for key in sorted(set(sa) | set(sb)):
         row = [tuple(_count(s.get(k)) for k in (*COUNTS, "rejected", "duplicates")) if s else None
                for s in (sa.get(key), sb.get(key))]
-        print(f"| {key} | {row[0]} | {row[1]} | {'yes' if row[0] == row[1] else 'NO'} |")
+        secs = " / ".join(str((s or {}).get("seconds", "-")) for s in (sa.get(key), sb.get(key)))
+        print(f"| {key} | {row[0]} | {row[1]} | {'yes' if row[0] == row[1] else 'NO'} | {secs} |")
     ga, gb = groups(la), groups(lb)
     print(f"\ndedup groups: {len(ga)} and {len(gb)}, identical: {ga == gb}")
     for table in ("topics", "image_topics"):
+        if not ((la / "tables" / table).exists() and (lb / "tables" / table).exists()):
+            print(f"{table}: not in both lakes")
+            continue
         ta, tb = topics(la, table), topics(lb, table)
         common = sorted(set(ta) & set(tb))
         worst = max((float(np.abs(ta[k] - tb[k]).max()) for k in common), default=float("nan"))
