@@ -13,6 +13,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -22,6 +23,8 @@ sys.path.insert(0, str(ROOT))
 from sparkml.config import ConfigError, merge, read_yaml  # noqa: E402
 from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
 
+# The pinned sets a bundle can hold (docs/platforms.md; deploy/bundle.py builds either).
+Stack = Literal["spark4", "spark35"]
 ENV = "environment"  # the archive's alias: executors and the driver run ./environment/bin/python
 PYTHON = f"./{ENV}/bin/python"
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from deploy.common import (ENV, ROOT, DeployError, add_arguments, check_bucket, check_bundle, check_flavor,  # noqa: E402
+from deploy.common import (ENV, Stack, ROOT, DeployError, add_arguments, check_bucket, check_bundle, check_flavor,  # noqa: E402
                            check_profile,
                            cluster_stages, find_bundle, load_settings, refuse_secrets, render_profile, stage_args,
                            redact, stage_conf, uploads, version, weight_uploads)
@@ -56,7 +56,7 @@ class _Accelerator(_Strict):
 class _Serverless(_Strict):
     version: str = Field(pattern=r"^\d+\.\d+$")
     python: str = Field(pattern=r"^3\.\d+$")
-    stack: Literal["spark4", "spark35"] = "spark4"
+    stack: Stack = "spark4"
 
 
 class Settings(_Strict):
@@ -70,7 +70,7 @@ class Settings(_Strict):
     prefix: str = Field(pattern=r"^[A-Za-z0-9._/-]+$")
     image_version: str = Field(min_length=1)
     python: str = Field("3.12", pattern=r"^3\.\d+$")
-    stack: Literal["spark4", "spark35"] = "spark4"
+    stack: Stack = "spark4"
     bundle: Literal["gpu", "cpu", "data"] = "cpu"
     master: _Machines
     workers: _Machines

@@ -29,7 +29,7 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
 
-from deploy.common import (ENV, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bucket, check_bundle,  # noqa: E402
+from deploy.common import (ENV, Stack, PYTHON, ROOT, DeployError, Upload, add_arguments, check_bucket, check_bundle,  # noqa: E402
                            check_profile, check_flavor, cluster_stages, find_bundle, load_settings, redact,
                            refuse_secrets, render_profile, stage_args, stage_conf, uploads, version, weight_uploads)
 
@@ -67,7 +67,7 @@ class Settings(_Strict):
     release_label: str = Field(pattern=r"^emr-\d+\.\d+\.\d+$")
     bundle: Literal["gpu", "cpu", "data"] = "gpu"
     python: str = Field("3.12", pattern=r"^3\.\d+$")
-    stack: Literal["spark4", "spark35"] = "spark4"
+    stack: Stack = "spark4"
     primary: _Node
     core: _Node
     gpu: _Gpu = Field(default_factory=lambda: _Gpu(type="g6.4xlarge"))
