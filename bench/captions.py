@@ -68,7 +68,7 @@ def bench_preprocess(texts: list[str]) -> dict:
 SPARK_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
-from sparkml.config import load_config
+from core.config import load_config
 from sparkml.session import get_session
 from sparkml.topics import tokenize
 cfg = load_config({conf!r}, ["spark.master={master}", "lake=/tmp/unused"])

@@ -39,7 +39,7 @@ from PIL import Image  # noqa: E402
 from scipy.sparse import coo_matrix  # noqa: E402
 from scipy.sparse.csgraph import connected_components  # noqa: E402
 
-from sparkml.config import Sample  # noqa: E402
+from core.config import Sample  # noqa: E402
 from sparkml.phash import WORDS_256, ZOOMS, hash_base, phash, thumb32, zoom_hashes  # noqa: E402
 from sparkml.sample import EDITS, generate, write_near_duplicates  # noqa: E402
 

@@ -97,7 +97,7 @@ def sample_set(threshold: float) -> dict:
     """Recall on the sample's planted faces and false positives on its face-free images."""
     from _common import CACHE
 
-    from sparkml.config import Sample
+    from core.config import Sample
     from sparkml.images import prepare_image
     from sparkml.sample import IMG_DIR, generate
 

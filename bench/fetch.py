@@ -70,8 +70,8 @@ def urllib3_threads(urls: list[str], concurrency: int, per_host: int) -> None:
 
 
 def ours(urls: list[str], batch_rows: int, lake: str) -> int:
+    from core.config import Http
     from sparkml import fetch
-    from sparkml.config import Http
 
     opts = Http(allow_private=True)  # the defaults, but the server is on loopback
     batches = [pa.RecordBatch.from_pydict({"image": urls[i:i + batch_rows]}) for i in range(0, len(urls), batch_rows)]
@@ -128,7 +128,7 @@ def main() -> None:
     try:
         info = json.loads(server.stdout.readline())
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        from sparkml.config import Http
+        from core.config import Http
 
         d = Http()
         print(f"defaults: ingest.http.concurrency={d.concurrency}, per_host={d.per_host}; "

@@ -34,7 +34,7 @@ import cv2  # noqa: E402
 import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sparkml.config import Prepare  # noqa: E402
+from core.config import Prepare  # noqa: E402
 from sparkml.prepare import prepare_batch  # noqa: E402
 
 QUALITY = 90
@@ -150,7 +150,7 @@ MAP_ONLY = """
 import sys, time
 sys.path.insert(0, {root!r})
 from pyspark.sql.pandas.types import from_arrow_schema
-from sparkml.config import load_config
+from core.config import load_config
 from sparkml.prepare import RESULT_ARROW, prepare_batch
 from sparkml.session import get_session
 spark = get_session(load_config({conf!r}, ["spark.master={master}", "lake={lake}"]))

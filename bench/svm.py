@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 
 def session():
-    from sparkml.config import load_config
+    from core.config import load_config
     from sparkml.session import get_session
 
     cfg = load_config(ROOT / "conf" / "local.yaml", ["spark.driver.memory=12g", "progress.interval=0"])

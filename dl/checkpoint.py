@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from sparkml import storage
+from core import storage
 
 NAME = re.compile(r"^step-(\d{9})\.pt$")
 

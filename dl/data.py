@@ -53,7 +53,7 @@ def row_group_rows(url: str, endpoint: str | None = None, region: str | None = N
     """Rows of every row group of the dataset's Parquet files (footers only)."""
     import pyarrow.parquet as pq
 
-    from sparkml import storage
+    from core import storage
 
     scheme, _ = storage.arrow_path(url)
     fs = storage.arrow_filesystem(scheme, endpoint, region)
@@ -106,7 +106,7 @@ def rows(url: str, rank: int, world: int, epoch: int, seed: int, fields: list[st
     """The decoded rows of this rank's shard, in an order fixed by (seed, epoch)."""
     from petastorm import make_reader
 
-    from sparkml import storage
+    from core import storage
 
     kwargs = {}
     if storage.arrow_path(url)[0] != "file":

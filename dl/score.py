@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core import storage
 from dl import data, models
-from sparkml import storage
 
 
 @dataclass(frozen=True)

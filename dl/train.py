@@ -382,7 +382,7 @@ class Run:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         uri = f"{self.spec['table'].rstrip('/')}/part-{split}-rank{self.b.rank:05d}.parquet"
-        from sparkml import storage
+        from core import storage
 
         storage.write_uri(uri, buf.getvalue(), **self.io)
 
@@ -428,7 +428,7 @@ class Run:
         """<export>/model.pt ({"model": state_dict, "meta": ...}; dl.models.load_model reads it)
         and model.json (the same meta with the file's sha256 in its card, for people and the
         scoring job: it is model.pt's weights card)."""
-        from sparkml import storage
+        from core import storage
 
         from dl.export import ModelMeta
 
@@ -456,7 +456,7 @@ class Run:
                  f"(waiting for data {100 * wait / max(seconds, 1e-9):.0f}%) ETA {_duration(eta)}")
 
     def write_json(self, name: str, obj) -> None:
-        from sparkml import storage
+        from core import storage
 
         storage.write_uri(f"{self.spec['report'].rstrip('/')}/{name}",
                           json.dumps(obj, indent=1, default=str).encode(), **self.io)
@@ -474,13 +474,13 @@ class Run:
                 self.writer.add_scalar(k, v, record["epoch"])
         self.writer.flush()
         self.upload_events()
-        from sparkml import storage
+        from core import storage
 
         storage.write_uri(f"{self.spec['report'].rstrip('/')}/curve.png", curve_png(self.pos["history"], self.t.task),
                           **self.io)
 
     def _events_dir(self) -> str:
-        from sparkml import storage
+        from core import storage
 
         scheme, path = storage.arrow_path(self.spec["report"])
         if scheme == "file":
@@ -490,7 +490,7 @@ class Run:
 
     def upload_events(self) -> None:
         """Event files written to a temporary folder go to the report (object-store lakes)."""
-        from sparkml import storage
+        from core import storage
 
         if storage.arrow_path(self.spec["report"])[0] == "file":
             return

@@ -158,7 +158,7 @@ def card(name: str, weights: str, endpoint: str | None = None, region: str | Non
         return random_card(name)
     if weights == "imagenet":
         return imagenet_card(name)
-    from sparkml import storage
+    from core import storage
 
     where = sidecar(weights)
     try:
@@ -229,7 +229,7 @@ def stage(source: str, dest: str, model: str | None = None, name: str | None = N
 
     import torch
 
-    from sparkml import storage
+    from core import storage
 
     if source == "imagenet":
         if not model:

@@ -16,8 +16,9 @@ import time
 import uuid
 from typing import Callable
 
-from sparkml import lake, storage
-from sparkml.config import Config, ConfigError, describe_keys, load_config
+from core import storage
+from core.config import Config, ConfigError, describe_keys, load_config
+from sparkml import lake
 from sparkml.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, write_summary
 
 log = logging.getLogger("instalearn")

@@ -22,8 +22,8 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import storage
-from sparkml.config import Config, ConfigError
+from core import storage
+from core.config import Config, ConfigError
 from sparkml.dedup import unique_images
 from sparkml.lake import Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
 from sparkml.schemas import SPLITS, Reason

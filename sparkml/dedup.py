@@ -29,7 +29,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from sparkml.config import Config
+from core.config import Config
 from sparkml.lake import Lake, Summary, begin_output, conform, read_table, union_all, write_table
 from sparkml.phash import WORDS_256, ZOOMS
 

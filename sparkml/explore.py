@@ -171,10 +171,11 @@ def explore(spark, cfg):
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
+    from core import storage
+    from core.config import ConfigError
     from dl.models import ModelError
     from dl.weights import card
-    from sparkml import progress, storage
-    from sparkml.config import ConfigError
+    from sparkml import progress
     from sparkml.features import extractor
     from sparkml.lake import Lake, Summary, begin_output, read_complete, write_rejected, write_table
     from sparkml.retrieval import contact_sheet, jpegs

@@ -139,7 +139,7 @@ def detector_for(cfg) -> Detector:
     """The configured detector; a bad faces.model is a ConfigError (one line, exit 2)."""
     import os
 
-    from sparkml.config import ConfigError
+    from core.config import ConfigError
 
     f = cfg.faces
     if f.detector == "cnn" and f.model:

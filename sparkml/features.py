@@ -140,7 +140,7 @@ def _inputs(spark, cfg):
     """(post_id, split, label, image) of what features are extracted from, and where it is."""
     from pyspark.sql import functions as F
 
-    from sparkml import storage
+    from core import storage
     from sparkml.lake import Lake, read_complete, union_all
     from sparkml.schemas import SPLITS
 
@@ -162,7 +162,7 @@ def extract_features(spark, cfg) -> "Summary":
     """<lake>/datasets/<features.dataset> (or features.images) -> <lake>/tables/features (+ rejects)."""
     from pyspark.sql import functions as F
 
-    from sparkml.config import ConfigError
+    from core.config import ConfigError
     from sparkml.lake import Lake, Summary, begin_output, per_record
 
     f = cfg.features

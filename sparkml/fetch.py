@@ -43,8 +43,8 @@ import aiohttp
 import pyarrow as pa
 from yarl import URL
 
-from sparkml import storage
-from sparkml.config import Http
+from core import storage
+from core.config import Http
 from sparkml.images import sniff
 from sparkml.schemas import Reason
 

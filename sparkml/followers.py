@@ -17,7 +17,7 @@ from __future__ import annotations
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkml.config import Config, Followers
+from core.config import Config, Followers
 from sparkml.lake import Lake, Summary, begin_output, conform, read_table, write_rejected, write_table
 from sparkml.schemas import Reason
 

@@ -27,7 +27,7 @@ from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkml import storage
+from core import storage
 from sparkml.schemas import TABLES, with_reject
 
 log = logging.getLogger("instalearn")

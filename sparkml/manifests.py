@@ -29,7 +29,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import storage
+from core import storage
 from sparkml.schemas import MANIFEST_COLUMNS
 
 SCHEMA = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS] + [

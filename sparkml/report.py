@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sparkml import storage
+from core import storage
 from sparkml.lake import Lake
 
 FILES = "report_files"

@@ -163,7 +163,7 @@ def _embeddings(spark, cfg, lake):
         uri = r.embeddings if ("/" in r.embeddings or ":" in r.embeddings) else lake.table(r.embeddings)
         emb = read_complete(spark, uri, "run the job that writes it (retrieval.embeddings)")
     if r.column not in emb.columns:
-        from sparkml.config import ConfigError
+        from core.config import ConfigError
 
         raise ConfigError(f"retrieval.column: {uri} has no column {r.column!r} (it has {', '.join(emb.columns)})")
     images = unique_images(spark, lake).select("post_id")
@@ -171,7 +171,7 @@ def _embeddings(spark, cfg, lake):
 
 
 def _query_vectors(texts: list[str], lda) -> np.ndarray:
-    from sparkml.config import ConfigError
+    from core.config import ConfigError
 
     try:
         return np.stack([embed_query(t, lda) for t in texts])
@@ -181,7 +181,7 @@ def _query_vectors(texts: list[str], lda) -> np.ndarray:
 
 def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     """Rank unique images for each query; <lake>/tables/retrieval + reports/retrieval/<query>.png."""
-    from sparkml import storage
+    from core import storage
     from sparkml.lake import Lake, Summary, begin_output, write_table
     from sparkml.topics import load_lda
 
@@ -217,7 +217,7 @@ def evaluate(spark, cfg):
 
     from pyspark.sql import functions as F
 
-    from sparkml import storage
+    from core import storage
     from sparkml.lake import Lake, Summary, begin_output, read_table
     from sparkml.splits import assign_split
     from sparkml.topics import load_lda

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sparkml.config import Sample
+from core.config import Sample
 from sparkml.schemas import CAP_DIR, CITIES, IMG_DIR
 from sparkml.selfies import AS_OF, MePost, write_me
 

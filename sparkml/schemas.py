@@ -68,7 +68,6 @@ class CaptionStatus(str, Enum):
 
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("instacities", "manifest", "instagram", "folder", "classes")  # source.layout values
 # An Instagram account export ("Download your information", JSON): the posts files, under the
 # export root, in the layouts the app has used; media URIs in them are relative to the root.
 INSTAGRAM_POSTS = ("content/posts_*.json", "your_instagram_activity/content/posts_*.json")

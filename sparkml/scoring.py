@@ -25,8 +25,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import progress, storage
-from sparkml.config import Config, ConfigError, Source
+from core import storage
+from core.config import Config, ConfigError, Source
+from sparkml import progress
 from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
 

@@ -13,7 +13,7 @@ import sys
 
 from pyspark.sql import SparkSession
 
-from sparkml.config import Config
+from core.config import Config
 
 DEFAULTS = {
     "spark.sql.execution.arrow.pyspark.enabled": "true",

@@ -20,8 +20,9 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from sparkml import fetch, manifests, progress, storage
-from sparkml.config import Config, ConfigError
+from core import storage
+from core.config import Config, ConfigError
+from sparkml import fetch, manifests, progress
 from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected, write_table
 from sparkml.schemas import (CAP_DIR, IMAGE_EXTENSIONS, IMG_DIR, INSTAGRAM_POSTS, MANIFEST_COLUMNS, POSTS, SPLIT_CAP,
                              SPLIT_IMG, SPLITS, TABLES, VIDEO_EXTENSIONS, CaptionStatus, Reason)

@@ -338,7 +338,7 @@ def train_svm(spark, cfg):
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from sparkml import storage
+    from core import storage
     from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected
     from sparkml.schemas import Reason
 

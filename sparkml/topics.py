@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from sparkml import storage
-from sparkml.config import Config, ConfigError
+from core import storage
+from core.config import Config, ConfigError
 from sparkml.lake import (IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected,
                           write_table)
 from sparkml.schemas import TABLES, Reason

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
-from sparkml import storage
-from sparkml.config import Config, ConfigError, read_yaml
+from core import storage
+from core.config import Config, ConfigError, read_yaml
 from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, lock_output, read_summary, write_summary
 from sparkml.schemas import SPLITS
 

@@ -77,7 +77,7 @@ def s3_sets(moto_endpoint) -> list[str]:
 
 @pytest.fixture(scope="session")
 def spark(moto_endpoint, tmp_path_factory):
-    from sparkml.config import load_config
+    from core.config import load_config
     from sparkml.jars import jar_paths
     from sparkml.session import get_session
 
@@ -98,7 +98,7 @@ def spark(moto_endpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
     """A generated sample (150 city posts + planted mess + 80 '#me' posts) shared by the tests."""
-    from sparkml.config import Sample
+    from core.config import Sample
     from sparkml.sample import generate
 
     out = tmp_path_factory.mktemp("sample") / "s"

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from sparkml.config import ConfigError, describe_keys, load_config, parse_override
+from core.config import ConfigError, describe_keys, load_config, parse_override
 from tests.conftest import ROOT
 
 LOCAL = ROOT / "conf" / "local.yaml"

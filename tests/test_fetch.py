@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from core.config import Http
 from sparkml import fetch
-from sparkml.config import Http
 from tests.conftest import ROOT, rejects_by_reason, run_job
 from tests.http_server import FaultServer
 

@@ -4,7 +4,7 @@ import datetime as dt
 
 import pytest
 
-from sparkml.config import Followers
+from core.config import Followers
 from sparkml.followers import label_posts
 
 T0 = dt.datetime(2017, 6, 1)

@@ -68,7 +68,7 @@ def test_lsh_finds_pairs_at_every_distance_up_to_the_threshold_through_zooms_too
     """The approximate search, its tables sized for recall 0.9999, on hashes 0..6 bits apart (and
     zooms near another image's whole hash, as crops and frames are): every pair a brute force
     finds, nothing else; tables sized for 1M images (23 bits) find them too."""
-    from sparkml.config import Dedup
+    from core.config import Dedup
 
     rng = np.random.default_rng(5)
     base = [int.from_bytes(rng.bytes(8), "big") for _ in range(80)]
@@ -101,7 +101,7 @@ def test_a_crowded_bucket_is_split_not_paired_whole(spark):
     the pairs within 6 bits are found all the same (their share is what the split costs)."""
     import time
 
-    from sparkml.config import Dedup
+    from core.config import Dedup
 
     rng = np.random.default_rng(9)
     free = rng.choice(63, 24, replace=False)

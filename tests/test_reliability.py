@@ -285,7 +285,7 @@ def test_a_folder_of_json_lines_is_a_manifest(spark, tmp_path, photos):
 
 
 def test_config_edge_cases(tmp_path):
-    from sparkml.config import ConfigError, load_config
+    from core.config import ConfigError, load_config
 
     conf = ROOT / "conf" / "local.yaml"
     with pytest.raises(ConfigError, match="'lake'.*must not be empty"):

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from sparkml.config import Sample
+from core.config import Sample
 from sparkml.sample import CAP_DIR, GROUND_TRUTH, IMG_DIR, MANIFEST, generate
 from sparkml.schemas import CITIES
 from tests.conftest import planted

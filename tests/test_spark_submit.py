@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkml.config import Sample
+from core.config import Sample
 from sparkml.sample import generate
 from tests.conftest import ROOT
 

@@ -1,7 +1,7 @@
 import os
 
-from sparkml import storage
-from sparkml.config import load_config
+from core import storage
+from core.config import load_config
 from sparkml.lake import Lake, Summary, read_summary, write_summary
 from sparkml.session import get_session, s3a_conf
 from tests.conftest import ROOT

@@ -101,8 +101,8 @@ def _summary(lake, task: str) -> dict:
 
 
 def test_heads_have_the_task_shapes_and_presets_freeze_what_the_original_froze():
+    from core.config import load_config
     from dl.train import build
-    from sparkml.config import load_config
     from sparkml.training import preset
 
     for task, name, outputs, frozen in (("city", "city", 10, ["features.0", "features.3"]),
@@ -380,7 +380,7 @@ def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
 
 def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spark, tmp_path):
     """A GPU node without Spark: the driver's spec as JSON, `torchrun -m dl.train spec.json`."""
-    from sparkml.config import load_config
+    from core.config import load_config
     from sparkml.training import preset, spec
 
     cfg = load_config(ROOT / "conf" / "local.yaml", _sets_dict(tiny, dataset="even", batch_size=4, epochs=1),

@@ -9,14 +9,13 @@ One model per section; unknown keys and wrong types are errors that name the key
 from __future__ import annotations
 
 from datetime import datetime
-
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from sparkml.schemas import LAYOUTS
+LAYOUTS = ("instacities", "manifest", "instagram", "folder", "classes")  # source.layout values
 
 
 class ConfigError(ValueError):

@@ -58,7 +58,7 @@ def parent(uri: str) -> str:
 def check_writable(uri: str) -> None:
     """A local lake (folder) must be creatable and writable: ConfigError naming it otherwise.
     Object stores are checked by their first write (permissions there are per prefix)."""
-    from sparkml.config import ConfigError
+    from core.config import ConfigError
 
     q = qualify(uri)
     if not q.startswith("file://"):
@@ -83,7 +83,7 @@ def check_reachable(uris: list[str], endpoint: str | None, region: str | None, t
     import botocore.config
     import botocore.exceptions
 
-    from sparkml.config import ConfigError
+    from core.config import ConfigError
 
     buckets = sorted({u.split("://", 1)[1].split("/", 1)[0] for u in uris
                       if "://" in u and u.split("://", 1)[0] in S3_SCHEMES})
