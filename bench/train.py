@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 from _common import ROOT, header
 
@@ -93,7 +92,7 @@ def main() -> None:
     rows = []
     for task in args.tasks:
         cfg = load_config(ROOT / "conf" / "local.yaml", [f"lake={args.lake}"], preset(task, f"{task}-scratch"))
-        t = SimpleNamespace(**cfg.train.model_dump())
+        t = cfg.train
         url = f"{args.lake}/datasets/{t.dataset}/train"
         if not os.path.isdir(url):
             sys.exit(f"{url} is missing: run `make demo` first (or give --lake)")

@@ -60,7 +60,7 @@ class Horovod(Single):
         self.hvd.shutdown()
 
 
-def spark_run(fn, spec: dict, num_proc: int):
+def spark_run(fn, spec, num_proc: int):
     """fn(spec) on num_proc Spark tasks through horovod.spark.run; rank 0's result. On GPU
     executors each task sees the GPUs Spark gave it (spark.task.resource.gpu.amount)."""
     import horovod.spark

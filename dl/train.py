@@ -1,8 +1,8 @@
 """The training function: one definition that runs alone in one process, under torchrun, and
 under TorchDistributor (local or barrier mode). Torch, petastorm and pyarrow only, no Spark:
-the driver (sparkml.training) hands it one picklable spec and gets rank 0's small result back.
+the driver (sparkml.training) hands it one TrainSpec (dl.spec) and gets rank 0's small result back.
 
-    result = run(spec)      # spec: {"train": cfg.train.model_dump(), "urls": {...}, ...}
+    result = run(spec)      # spec: dl.spec.TrainSpec
 
 Per epoch every rank runs the same number of batches (dl.data.plan) of its own shard; the
 gradients are averaged by the backend (dl.distributed). Dropout is reseeded from (seed, rank,
@@ -25,14 +25,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import storage
 from dl import checkpoint, data, distributed, models
+from dl.spec import TrainSpec
 
 # What each task learns and how its validation picks the best epoch.
 @dataclass(frozen=True)
@@ -175,26 +176,26 @@ def classification(scores: np.ndarray, labels: np.ndarray, names: list[str]) -> 
 
 
 class Run:
-    """One rank's training run over a spec (see sparkml.training.spec for its keys)."""
+    """One rank's training run over a TrainSpec."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: TrainSpec):
         self.spec = spec
-        self.t = SimpleNamespace(**spec["train"])
+        self.t = spec.train
         self.task = TASKS[self.t.task]
-        self.io = {"endpoint": spec.get("endpoint"), "region": spec.get("region")}
-        torch.set_num_threads(spec.get("threads") or max(1, (os.cpu_count() or 1) // self.t.processes))
-        self.b = distributed.backend(self.t.backend, spec.get("gpu"))
+        self.io = spec.io
+        torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // self.t.processes))
+        self.b = distributed.backend(self.t.backend, spec.gpu)
         self.rank0 = self.b.rank == 0
         self.device = self.b.device
         self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and self.device.type == "cuda")
-        self.model, self.frozen = build(self.t, spec["outputs"], **self.io)
-        pre = spec["preprocessing"]
+        self.model, self.frozen = build(self.t, spec.outputs, **self.io)
+        pre = spec.preprocessing
         self.norm = (tuple(pre["mean"]), tuple(pre["std"]))  # the weights' input normalisation
         # Horovod's collectives take contiguous tensors only: its parameters (and so their
         # gradients) stay in the default format; the inputs are channels_last either way
         fmt = torch.channels_last if self.t.channels_last and self.t.backend != "horovod" else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
-        p = data.plan(spec["urls"]["train"], self.b.size, self.t.batch_size, **self.io)
+        p = data.plan(spec.urls["train"], self.b.size, self.t.batch_size, **self.io)
         self.batches = p.steps - p.steps % self.t.accumulate  # per epoch, a whole number of iterations
         if self.batches == 0:
             raise TrainError(f"{p.steps} batches per rank per epoch, fewer than train.accumulate={self.t.accumulate}")
@@ -205,12 +206,12 @@ class Run:
         self.pos = {"epoch": 0, "batch": 0, "iteration": 0, "loss_sum": 0.0, "correct": 0, "rows": 0,
                     "history": [], "best": None}
         self.resumed_from = None
-        uri, state, damaged = checkpoint.load_latest(spec["checkpoints"], **self.io) if spec.get("resume") \
+        uri, state, damaged = checkpoint.load_latest(spec.checkpoints, **self.io) if spec.resume \
             else (None, None, [])
         for why in damaged if self.rank0 else ():
             self.say(f"train_cnn: --resume: skipped a damaged checkpoint ({why})")
         if damaged and uri is None:
-            raise TrainError(f"--resume: no checkpoint under {spec['checkpoints']} loads ({damaged[0]}): run "
+            raise TrainError(f"--resume: no checkpoint under {spec.checkpoints} loads ({damaged[0]}): run "
                              "without --resume to start over")
         if state is not None:
             self.model.load_state_dict(state["model"])
@@ -254,9 +255,9 @@ class Run:
         t0 = time.perf_counter()
         t_log, wait, n_log = t0, 0.0, 0
         start = pos["batch"]
-        loader = data.batches(self.spec["urls"]["train"], self.b.rank, self.b.size, e, t.batch_size, self.batches,
+        loader = data.batches(self.spec.urls["train"], self.b.rank, self.b.size, e, t.batch_size, self.batches,
                               seed=t.seed, crop=t.crop, target=task.target, train=True, skip=start,
-                              prefetch=t.prefetch, width=self.spec["outputs"], stats=stats, norm=self.norm, **self.io)
+                              prefetch=t.prefetch, width=self.spec.outputs, stats=stats, norm=self.norm, **self.io)
         it = iter(loader)
         for i in range(start, self.batches):
             w0 = time.perf_counter()
@@ -332,11 +333,11 @@ class Run:
             model.load_state_dict(weights)
         model.eval()
         scores, targets, ids, loss_sum, count = [], [], [], 0.0, 0
-        url = self.spec["urls"][split]
+        url = self.spec.urls[split]
         # a split with fewer row groups than ranks (val and test are small) is read by as many ranks
         shards = min(self.b.size, len(data.row_group_rows(url, **self.io)))
         loader = data.batches(url, self.b.rank, shards, 0, t.batch_size, None, seed=t.seed, crop=t.crop,
-                              target=task.target, train=False, prefetch=t.prefetch, width=self.spec["outputs"],
+                              target=task.target, train=False, prefetch=t.prefetch, width=self.spec.outputs,
                               ids=True, norm=self.norm, **self.io) if self.b.rank < shards else iter(())
         with torch.inference_mode():
             for x, y, names in loader:
@@ -354,10 +355,10 @@ class Run:
                 scores.append(logits.cpu().numpy())
                 targets.append(y.cpu().numpy())
                 ids += names
-        width = self.spec["outputs"]
+        width = self.spec.outputs
         scores_np = np.concatenate(scores) if scores else np.zeros((0, width), np.float32)
         targets_np = np.concatenate(targets) if targets else np.zeros((0,) if task.loss == "ce" else (0, width))
-        if task.loss == "bce" and split == "test" and self.spec.get("table"):
+        if task.loss == "bce" and split == "test" and self.spec.staged.table:
             self.write_vectors(ids, torch.sigmoid(torch.from_numpy(scores_np)).numpy(), split)
         parts = self.b.gather((loss_sum, count, scores_np if task.loss == "ce" else None,
                                targets_np if task.loss == "ce" else None))
@@ -365,7 +366,7 @@ class Run:
         out = {"loss": sum(s for s, _, _, _ in parts) / total if total else None, "rows": total}
         if task.loss == "ce":
             out.update(classification(np.concatenate([s for _, _, s, _ in parts]),
-                                      np.concatenate([y for _, _, _, y in parts]), self.spec["labels"]))
+                                      np.concatenate([y for _, _, _, y in parts]), self.spec.labels))
         return out
 
     def write_vectors(self, ids: list[str], vectors: np.ndarray, split: str) -> None:
@@ -373,17 +374,13 @@ class Run:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from sparkml.schemas import TABLES
-
-        schema = TABLES["image_topics"].arrow
+        schema = self.spec.table_schema
         table = pa.table({"post_id": ids, "split": [split] * len(ids),
                           "topics": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32(), -1))
                           .cast(schema.field("topics").type)}, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        uri = f"{self.spec['table'].rstrip('/')}/part-{split}-rank{self.b.rank:05d}.parquet"
-        from core import storage
-
+        uri = f"{self.spec.staged.table.rstrip('/')}/part-{split}-rank{self.b.rank:05d}.parquet"
         storage.write_uri(uri, buf.getvalue(), **self.io)
 
     # ---- outputs (rank 0) -----------------------------------------------------------------
@@ -393,16 +390,16 @@ class Run:
         if self.rank0:
             state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                      "scheduler": self.sched.state_dict(), "position": {**self.pos, "ranks": sums},
-                     "train": self.spec["train"]}
-            checkpoint.save(state, self.spec["checkpoints"], self.pos["iteration"], **self.io)
-            checkpoint.prune(self.spec["checkpoints"], self.t.keep_checkpoints, **self.io)
+                     "train": self.spec.train.model_dump()}
+            checkpoint.save(state, self.spec.checkpoints, self.pos["iteration"], **self.io)
+            checkpoint.prune(self.spec.checkpoints, self.t.keep_checkpoints, **self.io)
         self.b.barrier()  # no rank runs ahead of a checkpoint the others may resume from
 
     def best_model(self) -> dict | None:
         """The exported best weights (every rank reads them), None when no epoch had a figure."""
         if self.pos["best"] is None:
             return None
-        state = checkpoint.load(f"{self.spec['export'].rstrip('/')}/model.pt", **self.io)
+        state = checkpoint.load(f"{self.spec.staged.export.rstrip('/')}/model.pt", **self.io)
         return state["model"]
 
     def card(self) -> dict:
@@ -410,26 +407,24 @@ class Run:
         of the weights it started from, its own classes, batch norm still folded if it was kept frozen."""
         from dl.weights import Card
 
-        start = Card.model_validate(self.spec["card"])
+        start = Card.model_validate(self.spec.card)
         folded = start.batchnorm == "folded" and batchnorm_frozen(self.t, start)
         return start.model_copy(update={
-            "crop": self.t.crop, "categories": self.spec["labels"], "batchnorm": "folded" if folded else "trained",
+            "crop": self.t.crop, "categories": self.spec.labels, "batchnorm": "folded" if folded else "trained",
             "sha256": None, "source": f"train_cnn --task {self.t.task} from {self.t.weights}"}).model_dump()
 
     def meta(self, epoch: int, val: dict) -> dict:
         t = self.t
-        return {"task": t.task, "model": t.model, "outputs": self.spec["outputs"], "labels": self.spec["labels"],
+        return {"task": t.task, "model": t.model, "outputs": self.spec.outputs, "labels": self.spec.labels,
                 "target": self.task.target, "output": "softmax" if self.task.loss == "ce" else "sigmoid",
-                "preprocessing": self.spec["preprocessing"], "card": self.card(), "epoch": epoch,
+                "preprocessing": self.spec.preprocessing, "card": self.card(), "epoch": epoch,
                 "validation": {k: v for k, v in val.items() if k != "confusion"},
-                "trained_from": t.weights, "dataset": self.spec["dataset"], "train": self.spec["train"]}
+                "trained_from": t.weights, "dataset": self.spec.dataset, "train": self.spec.train.model_dump()}
 
     def export(self, epoch: int, val: dict) -> None:
         """<export>/model.pt ({"model": state_dict, "meta": ...}; dl.models.load_model reads it)
         and model.json (the same meta with the file's sha256 in its card, for people and the
         scoring job: it is model.pt's weights card)."""
-        from core import storage
-
         from dl.export import ModelMeta
 
         meta = self.meta(epoch, val)
@@ -438,7 +433,7 @@ class Run:
         torch.save({"model": self.model.state_dict(), "meta": meta}, buf)
         data = buf.getvalue()
         meta["card"]["sha256"] = hashlib.sha256(data).hexdigest()
-        root = self.spec["export"].rstrip("/")
+        root = self.spec.staged.export.rstrip("/")
         storage.write_uri(f"{root}/model.pt", data, **self.io)
         storage.write_uri(f"{root}/model.json", json.dumps(meta, indent=1, default=str).encode(), **self.io)
 
@@ -456,9 +451,7 @@ class Run:
                  f"(waiting for data {100 * wait / max(seconds, 1e-9):.0f}%) ETA {_duration(eta)}")
 
     def write_json(self, name: str, obj) -> None:
-        from core import storage
-
-        storage.write_uri(f"{self.spec['report'].rstrip('/')}/{name}",
+        storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/{name}",
                           json.dumps(obj, indent=1, default=str).encode(), **self.io)
 
     def log_epoch(self, record: dict) -> None:
@@ -474,15 +467,11 @@ class Run:
                 self.writer.add_scalar(k, v, record["epoch"])
         self.writer.flush()
         self.upload_events()
-        from core import storage
-
-        storage.write_uri(f"{self.spec['report'].rstrip('/')}/curve.png", curve_png(self.pos["history"], self.t.task),
+        storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/curve.png", curve_png(self.pos["history"], self.t.task),
                           **self.io)
 
     def _events_dir(self) -> str:
-        from core import storage
-
-        scheme, path = storage.arrow_path(self.spec["report"])
+        scheme, path = storage.arrow_path(self.spec.staged.report)
         if scheme == "file":
             os.makedirs(f"{path}/tensorboard", exist_ok=True)
             return f"{path}/tensorboard"
@@ -490,13 +479,11 @@ class Run:
 
     def upload_events(self) -> None:
         """Event files written to a temporary folder go to the report (object-store lakes)."""
-        from core import storage
-
-        if storage.arrow_path(self.spec["report"])[0] == "file":
+        if storage.arrow_path(self.spec.staged.report)[0] == "file":
             return
         for name in os.listdir(self._events):
             with open(os.path.join(self._events, name), "rb") as f:
-                storage.write_uri(f"{self.spec['report'].rstrip('/')}/tensorboard/{name}", f.read(), **self.io)
+                storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/tensorboard/{name}", f.read(), **self.io)
 
 
 def _duration(seconds: float) -> str:
@@ -535,13 +522,13 @@ def curve_png(history: list[dict], task: str) -> bytes:
     return buf.getvalue()
 
 
-def run(spec: dict) -> dict:
+def run(spec: TrainSpec) -> dict:
     """The entry point TorchDistributor, torchrun and the inline mode call in every process."""
     return Run(spec).fit()
 
 
 if __name__ == "__main__":  # torchrun -m dl.train spec.json: a node without Spark (a spec the driver wrote)
     with open(sys.argv[1]) as f:
-        figures = run(json.load(f))["test"]
+        figures = run(TrainSpec.from_json(f.read()))["test"]
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(figures, default=str), flush=True)

@@ -19,11 +19,11 @@ from pyspark.sql import SparkSession
 
 from core import storage
 from core.config import Config, ConfigError, read_yaml
+from dl.spec import Outputs, TrainSpec
 from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, lock_output, read_summary, write_summary
-from sparkml.schemas import SPLITS
+from sparkml.schemas import SPLITS, TABLES
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
-INCOMING = ".incoming"  # a training run's outputs until it completes (beside the published ones)
 
 # The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset; per city in
 # SPEC.md's city order; the likability AlexNet's test accuracy).
@@ -113,8 +113,8 @@ def _check_resume(spark: SparkSession, run_json: str, train: dict) -> None:
                           "with those settings, or without --resume to start over")
 
 
-def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
-    """Everything a training process needs (picklable), after checking it can run."""
+def spec(spark: SparkSession, cfg: Config, resume: bool) -> TrainSpec:
+    """Everything a training process needs, after checking it can run."""
     from dl import data
     from dl.models import ModelError
     from dl.train import TASKS, TrainError, build
@@ -167,31 +167,30 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> dict:
     if t.task == "city" and t.weights == "none" and t.freeze:
         print("train_cnn: note: the original's recipe (conv1-2 frozen, SGD lr 0.001) presumes ImageNet weights; from "
               "random weights it stays at chance: use --preset city-scratch", flush=True)
-    train = {**t.model_dump(), "processes": world}
+    train = t.model_copy(update={"processes": world})
     from dl import checkpoint
 
     runs_root = storage.qualify(t.checkpoint_dir or f"{lake.root}/checkpoints/train_{t.task}").rstrip("/")
     checkpoints = checkpoint.run_folder(runs_root, resume, cfg.s3.endpoint, cfg.s3.region)
     if resume:
-        _check_resume(spark, f"{checkpoints}/run.json", train)
+        _check_resume(spark, f"{checkpoints}/run.json", train.model_dump())
     # the run writes beside its outputs (<output>.incoming); they replace the previous ones only once
     # it completes, so a run that fails or is stopped never costs the last good model, report or table
-    final = {"export": lake.model(t.task), "report": lake.report(f"train_{t.task}"),
-             "table": lake.table("image_topics") if task.target == "topics" else None}
-    return {
-        "train": train, "urls": urls, "labels": labels, "outputs": outputs, "dataset": t.dataset,
-        "checkpoints": checkpoints, "runs": runs_root, "final": final,
-        **{k: f"{v}{INCOMING}" if v else None for k, v in final.items()},
-        "endpoint": cfg.s3.endpoint, "region": cfg.s3.region, "resume": resume, "gpu": gpu,
-        "threads": _threads(spark, cfg), "rows": {s: int(built["splits"][s]) for s in SPLITS},
-        "card": weights.model_dump(),
-        "preprocessing": {"size": size, "crop": t.crop, **weights.normalisation,
-                          "note": "images prepared as prepare_images does (size x size), then the centre crop x crop, "
-                                  "normalised as the weights' card says"},
-    }
+    topics = task.target == "topics"
+    final = Outputs(export=lake.model(t.task), report=lake.report(f"train_{t.task}"),
+                    table=lake.table("image_topics") if topics else None)
+    return TrainSpec(
+        train=train, dataset=t.dataset, urls=urls, rows={s: int(built["splits"][s]) for s in SPLITS}, labels=labels,
+        outputs=outputs, card=weights.model_dump(),
+        preprocessing={"size": size, "crop": t.crop, **weights.normalisation,
+                       "note": "images prepared as prepare_images does (size x size), then the centre crop x crop, "
+                               "normalised as the weights' card says"},
+        checkpoints=checkpoints, runs=runs_root, final=final, staged=final.staged(),
+        table_schema=TABLES["image_topics"].arrow if topics else None,
+        endpoint=cfg.s3.endpoint, region=cfg.s3.region, resume=resume, gpu=gpu, threads=_threads(spark, cfg))
 
 
-def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
+def launch(spark: SparkSession, cfg: Config, s: TrainSpec) -> dict:
     """Run dl.train.run on every rank; rank 0's result. A run the training function stops (a
     diverged loss, no checkpoint that loads) is one ConfigError line, from whichever process."""
     import re
@@ -209,7 +208,7 @@ def launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
         raise ConfigError(f"train_cnn: {said.group(1).strip()}") from None
 
 
-def _launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
+def _launch(spark: SparkSession, cfg: Config, s: TrainSpec) -> dict:
     from dl.train import run
 
     t = cfg.train
@@ -218,40 +217,44 @@ def _launch(spark: SparkSession, cfg: Config, s: dict) -> dict:
     if t.backend == "horovod":
         from dl.horovod import spark_run
 
-        return spark_run(run, s, num_proc=s["train"]["processes"])
+        return spark_run(run, s, num_proc=s.train.processes)
     from pyspark.ml.torch.distributor import TorchDistributor
 
-    distributor = TorchDistributor(num_processes=t.processes, local_mode=t.mode == "local", use_gpu=s["gpu"])
+    distributor = TorchDistributor(num_processes=t.processes, local_mode=t.mode == "local", use_gpu=s.gpu)
     return distributor.run(run, s)
 
 
-def _begin(spark: SparkSession, s: dict) -> None:
+def _outputs(s: TrainSpec) -> list[tuple[str, str]]:
+    """(published, staged) of each output the run writes: report, table, then the model (last:
+    its summary, written by cli.run, follows it)."""
+    return [(getattr(s.final, k), getattr(s.staged, k)) for k in ("report", "table", "export") if getattr(s.final, k)]
+
+
+def _begin(spark: SparkSession, s: TrainSpec) -> None:
     """Lock the outputs (a second run at once refuses) without touching them; a fresh run clears
     what an earlier failed run left in the staging folders, a resumed one continues there."""
-    for key in ("export", "report", "table"):
-        if s["final"][key]:
-            lock_output(spark, s["final"][key])
-            if not s["resume"]:
-                storage.delete(spark, s[key])
-    if s["resume"]:  # the run resumed may have completed and published: its best model carries on from there
+    for final, staged in _outputs(s):
+        lock_output(spark, final)
+        if not s.resume:
+            storage.delete(spark, staged)
+    if s.resume:  # the run resumed may have completed and published: its best model carries on from there
         for name in ("model.pt", "model.json"):
-            staged, final = f"{s['export']}/{name}", f"{s['final']['export']}/{name}"
+            staged, final = f"{s.staged.export}/{name}", f"{s.final.export}/{name}"
             if not storage.exists(spark, staged) and storage.exists(spark, final):
                 storage.write_bytes(spark, staged, storage.read_bytes(spark, final))
-    storage.write_bytes(spark, f"{s['checkpoints']}/run.json", json.dumps(s["train"], indent=1).encode())
+    storage.write_bytes(spark, f"{s.checkpoints}/run.json", json.dumps(s.train.model_dump(), indent=1).encode())
 
 
-def _publish(spark: SparkSession, s: dict, cfg: Config) -> None:
+def _publish(spark: SparkSession, s: TrainSpec, cfg: Config) -> None:
     """The completed run's outputs replace the previous ones; older runs' checkpoints go."""
     from dl import checkpoint
 
-    for key in ("report", "table", "export"):  # the model last: its summary (cli.run) follows it
-        if s["final"][key]:
-            storage.delete(spark, s["final"][key])
-            if storage.exists(spark, s[key]):
-                storage.rename(spark, s[key], s["final"][key])
-    for old in checkpoint.runs(s["runs"], cfg.s3.endpoint, cfg.s3.region)[:-1]:
-        if old != s["checkpoints"]:
+    for final, staged in _outputs(s):
+        storage.delete(spark, final)
+        if storage.exists(spark, staged):
+            storage.rename(spark, staged, final)
+    for old in checkpoint.runs(s.runs, cfg.s3.endpoint, cfg.s3.region)[:-1]:
+        if old != s.checkpoints:
             storage.delete(spark, old)
 
 
@@ -294,18 +297,18 @@ def train_cnn(spark: SparkSession, cfg: Config, resume: bool = False) -> Summary
     result = launch(spark, cfg, s)
     task = cfg.train.task
     md = report_md(task, result)
-    storage.write_bytes(spark, f"{s['report']}/metrics.md", md.encode())
+    storage.write_bytes(spark, f"{s.staged.report}/metrics.md", md.encode())
     print(md, flush=True)
-    rows = sum(s["rows"].values())
-    if s["table"]:
-        written = spark.read.parquet(s["table"]).count()
-        write_summary(spark, Summary(stage="train_cnn", input_rows=s["rows"]["test"], output_rows=written,
-                                     output=s["table"], extra={"task": task, "split": "test"}))
+    rows = sum(s.rows.values())
+    if s.staged.table:
+        written = spark.read.parquet(s.staged.table).count()
+        write_summary(spark, Summary(stage="train_cnn", input_rows=s.rows["test"], output_rows=written,
+                                     output=s.staged.table, extra={"task": task, "split": "test"}))
     _publish(spark, s, cfg)
     test = {k: v for k, v in result["test"].items() if k not in ("confusion",)}
-    return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s["final"]["export"], extra={
-        "task": task, "dataset": s["dataset"], "splits": s["rows"], "model": cfg.train.model,
-        "weights": cfg.train.weights, "processes": s["train"]["processes"], "device": result["device"],
+    return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s.final.export, extra={
+        "task": task, "dataset": s.dataset, "splits": s.rows, "model": cfg.train.model,
+        "weights": cfg.train.weights, "processes": s.train.processes, "device": result["device"],
         "batches_per_epoch": result["batches_per_epoch"], "iterations": result["iterations"],
         "best": result["best"], "test": test, "history": result["history"], "resumed_from": result["resumed_from"],
-        "report": s["final"]["report"], "checkpoints": s["checkpoints"]})
+        "report": s.final.report, "checkpoints": s.checkpoints})

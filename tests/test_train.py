@@ -2,6 +2,7 @@
 batch, a SIGKILLed run resumed ends with the same weights, uneven shards, the three tasks end
 to end through TorchDistributor with 2 processes, exported models the scoring side can load."""
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -381,13 +382,15 @@ def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
 def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spark, tmp_path):
     """A GPU node without Spark: the driver's spec as JSON, `torchrun -m dl.train spec.json`."""
     from core.config import load_config
+    from dl.spec import Outputs
     from sparkml.training import preset, spec
 
     cfg = load_config(ROOT / "conf" / "local.yaml", _sets_dict(tiny, dataset="even", batch_size=4, epochs=1),
                       preset("city", "city-scratch"))
     path = tmp_path / "spec.json"
-    path.write_text(json.dumps({**spec(spark, cfg, False), "checkpoints": str(tmp_path / "ck"),
-                                "export": str(tmp_path / "model"), "report": str(tmp_path / "report")}))
+    s = dataclasses.replace(spec(spark, cfg, False), checkpoints=str(tmp_path / "ck"),
+                            staged=Outputs(export=str(tmp_path / "model"), report=str(tmp_path / "report")))
+    path.write_text(s.to_json())
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "-m", "dl.train", str(path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
