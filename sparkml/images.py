@@ -42,7 +42,6 @@ Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 ORIENTATION_TAG = 0x0112
-POLICIES = ("squash", "crop")
 
 
 @dataclass

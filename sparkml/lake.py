@@ -358,9 +358,3 @@ def union_all(frames: list[DataFrame]) -> DataFrame:
         out = out.unionByName(f)
     return out
 
-
-def timed(fn):
-    """Run fn() and return (result, seconds)."""
-    t0 = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - t0

@@ -97,13 +97,14 @@ def precision_at_k(relevant_in_rank_order: np.ndarray, k: int) -> float:
 
 
 def average_precision(relevant_in_rank_order: np.ndarray) -> float:
-    """Non-interpolated AP over the full ranking: mean of precision@rank at each relevant item."""
+    """Non-interpolated AP over the full ranking (scikit-learn's, the ranking given by position):
+    the mean of precision@rank at each relevant item; 0 when nothing is relevant."""
+    from sklearn.metrics import average_precision_score
+
     rel = np.asarray(relevant_in_rank_order, bool)
     if not rel.any():
         return 0.0
-    hits = np.cumsum(rel)
-    ranks = np.arange(1, len(rel) + 1)
-    return float(np.mean(hits[rel] / ranks[rel]))
+    return float(average_precision_score(rel, -np.arange(len(rel), dtype=np.float64)))
 
 
 def order(post_ids: list[str], s: np.ndarray) -> np.ndarray:

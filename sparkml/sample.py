@@ -25,7 +25,7 @@ import shutil
 import struct
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -241,7 +241,6 @@ class Post:
     style_city: str
     ext: str = "jpg"
     image_rel: str = ""
-    flags: list[str] = field(default_factory=list)
 
 
 def _encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
@@ -332,7 +331,7 @@ class _Build:
 
     def new_post(self, src: str, **changes) -> Post:
         """A new post that copies post src (then changed as given)."""
-        p = Post(**{**self.by_id[src].__dict__, "post_id": str(self.next_id), "flags": [], **changes})
+        p = Post(**{**self.by_id[src].__dict__, "post_id": str(self.next_id), **changes})
         self.next_id += 1
         self.posts.append(p)
         self.by_id[p.post_id] = p

@@ -34,7 +34,6 @@ from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
 STAGE = "score"
 CNNS = ("city", "topics", "likability")
 SVM = "likability_svm"
-MODELS = CNNS + (SVM,)
 REMEDY = {"city": "jobs/train_cnn.py --task city", "topics": "jobs/train_cnn.py --task topics",
           "likability": "jobs/train_cnn.py --task likability", SVM: "jobs/train_svm.py"}
 # The scoring pass's rows: the scores table + the SVM's feature vector (consumed, then dropped).
