@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core import storage
+from core.figures import png, pyplot
 from dl import checkpoint, data, distributed, models
 from dl.spec import TrainSpec
 
@@ -493,10 +494,7 @@ def _duration(seconds: float) -> str:
 
 def curve_png(history: list[dict], task: str) -> bytes:
     """Loss (train, val) and the task's figure (train, val) per epoch, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -515,11 +513,7 @@ def curve_png(history: list[dict], task: str) -> bytes:
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig, dpi=90)
 
 
 def run(spec: TrainSpec) -> dict:

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from pyspark.sql import types as T
 
+from core.figures import png, pyplot
 from sparkml.schemas import Reason, to_arrow
 
 # The feature pass's rows: post_id, vector, top-1 ImageNet class, or a reject.
@@ -80,10 +81,7 @@ def _colours(k: int) -> np.ndarray:
 
 
 def silhouette_png(silhouettes: dict[int, float], chosen: int) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ks = sorted(silhouettes)
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
@@ -95,20 +93,13 @@ def silhouette_png(silhouettes: dict[int, float], chosen: int) -> bytes:
     ax.set_ylabel("silhouette (squared Euclidean)")
     ax.set_title("K-Means: silhouette for each k")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def tsne_png(xy: np.ndarray, clusters: np.ndarray, thumbs: list[bytes | None], k: int, title: str) -> bytes:
     """The t-SNE map: each image as a small thumbnail framed in its cluster's colour (a dot
     where no thumbnail is drawn)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from PIL import Image
 
@@ -128,11 +119,7 @@ def tsne_png(xy: np.ndarray, clusters: np.ndarray, thumbs: list[bytes | None], k
     ax.set_title(title)
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return png(fig)
 
 
 def tsne(vectors: np.ndarray, seed: int, perplexity: float) -> np.ndarray:

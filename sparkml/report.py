@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core import storage
+from core.figures import png, pyplot
 from sparkml.lake import Lake
 
 FILES = "report_files"
@@ -121,27 +122,9 @@ def thumbnail(data: bytes | None, side: int = 160) -> bytes | None:
         return None
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> bytes:
-    plt = _figure()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def confusion_png(confusion: list[list[int]], labels: list[str]) -> bytes:
     """The confusion matrix as a heat map, each row normalised (the true city's share)."""
-    plt = _figure()
+    plt = pyplot()
     m = np.asarray(confusion, float)
     share = m / np.maximum(m.sum(1, keepdims=True), 1)
     fig, ax = plt.subplots(figsize=(7, 6), dpi=100)
@@ -156,11 +139,11 @@ def confusion_png(confusion: list[list[int]], labels: list[str]) -> bytes:
     ax.set_ylabel("true city")
     ax.set_title("City classifier, test split (counts; colour = share of the true city)")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    return _png(fig)
+    return png(fig)
 
 
 def per_class_png(ours: dict, published: dict) -> bytes:
-    plt = _figure()
+    plt = pyplot()
     names = list(ours)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
@@ -174,7 +157,7 @@ def per_class_png(ours: dict, published: dict) -> bytes:
     ax.set_ylabel("test accuracy")
     ax.axhline(1 / max(len(names), 1), color="grey", ls="--", lw=1, label="chance")
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png(fig)
 
 
 def sheet(page: Page, name: str, title: str, tiles: list[tuple[str, float, bytes | None]]) -> str:
