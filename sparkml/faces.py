@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
+from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 Box = tuple[float, float, float, float, float]
 
@@ -163,19 +163,17 @@ def detect_batch(batch: pa.RecordBatch, settings: tuple) -> pa.RecordBatch:
     """post_id + prepared JPEG -> one row per image with its faces (or a reason if undecodable)."""
     det = make_detector(*settings)
     params = json.dumps(det.params, sort_keys=True)
-    rows = {k: [] for k in RESULT_ARROW.names}
+    rows = ResultRows(RESULT_ARROW, detector=det.name, params=params)
     for pid, data in zip(batch.column("post_id").to_pylist(), batch.column("image").to_pylist()):
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-        boxes = det.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)) if bgr is not None else []
-        rows["post_id"].append(pid)
-        rows["faces"].append(len(boxes))
-        rows["boxes"].append([list(b) for b in boxes])
-        rows["best_confidence"].append(max((b[4] for b in boxes), default=0.0))
-        rows["detector"].append(det.name)
-        rows["params"].append(params)
-        rows["reason"].append(None if bgr is not None else Reason.CORRUPT_IMAGE.value)
-        rows["detail"].append(None if bgr is not None else "the prepared JPEG did not decode")
-    return pa.RecordBatch.from_pydict(rows, schema=RESULT_ARROW)
+        if bgr is None:  # the table's columns as for an image without faces, then the reason
+            rows.reject(Reason.CORRUPT_IMAGE, "the prepared JPEG did not decode", post_id=pid, faces=0, boxes=[],
+                        best_confidence=0.0)
+            continue
+        boxes = det.detect(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        rows.add(post_id=pid, faces=len(boxes), boxes=[list(b) for b in boxes],
+                 best_confidence=max((b[4] for b in boxes), default=0.0))
+    return rows.batch()
 
 
 def detect_faces(spark, cfg) -> "Summary":

@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
+from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 RESULT_ARROW = to_arrow(with_reject(TABLES["features"].schema))
 
@@ -112,13 +112,10 @@ def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple
     ok = [i for i, p in enumerate(pixels) if p is not None]
     feats = extract([pixels[i] for i in ok], model, weights, layers, mirror, seed, endpoint, region,
                     precision) if ok else {}
-    rows = {k: [] for k in RESULT_ARROW.names}
+    rows = ResultRows(RESULT_ARROW, model=model, weights=weights)
 
-    def add(i, layer=None, mirrored=None, vector=None, reason=None, detail=None):
-        for k, v in (("post_id", ids[i]), ("split", splits[i]), ("label", labels[i]), ("model", model),
-                     ("weights", weights), ("layer", layer), ("mirrored", mirrored), ("vector", vector),
-                     ("reason", reason), ("detail", detail)):
-            rows[k].append(v)
+    def of(i):
+        return {"post_id": ids[i], "split": splits[i], "label": labels[i]}
 
     finite = np.ones(len(ok), bool)  # an image with a NaN or infinite value in any of its vectors is rejected
     for mat in feats.values():
@@ -126,14 +123,14 @@ def extract_batch(batch: pa.RecordBatch, model: str, weights: str, layers: tuple
     for (layer, mirrored), mat in feats.items():
         for j, i in enumerate(ok):
             if finite[j]:
-                add(i, layer, mirrored, mat[j].tolist())
+                rows.add(**of(i), layer=layer, mirrored=mirrored, vector=mat[j].tolist())
     for j in np.flatnonzero(~finite):
-        add(ok[j], reason=Reason.NON_FINITE_FEATURES.value,
-            detail=f"{model} ({weights}) gave NaN or infinite values for this image")
+        rows.reject(Reason.NON_FINITE_FEATURES, f"{model} ({weights}) gave NaN or infinite values for this image",
+                    **of(ok[j]))
     for i, p in enumerate(pixels):
         if p is None:
-            add(i, reason=Reason.CORRUPT_IMAGE.value, detail="the dataset's JPEG did not decode")
-    return pa.RecordBatch.from_pydict(rows, schema=RESULT_ARROW)
+            rows.reject(Reason.CORRUPT_IMAGE, "the dataset's JPEG did not decode", **of(i))
+    return rows.batch()
 
 
 def _inputs(spark, cfg):

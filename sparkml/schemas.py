@@ -224,6 +224,32 @@ def with_reject(schema: T.StructType) -> T.StructType:
                         + [T.StructField("reason", T.StringType()), T.StructField("detail", T.StringType())])
 
 
+class ResultRows:
+    """The rows of one per-record result batch (a table's columns + reason/detail, the schema
+    `to_arrow(with_reject(...))` gives), gathered column by column: `fixed` fills the columns a
+    row does not name, a reject names its Reason and detail.
+
+        rows = ResultRows(RESULT_ARROW, model=model)
+        rows.add(post_id=pid, vector=v)
+        rows.reject(Reason.CORRUPT_IMAGE, "the prepared JPEG did not decode", post_id=pid)
+        return rows.batch()
+    """
+
+    def __init__(self, schema: pa.Schema, **fixed):
+        self.schema, self.fixed = schema, fixed
+        self.columns: dict[str, list] = {k: [] for k in schema.names}
+
+    def add(self, **values) -> None:
+        for k, col in self.columns.items():
+            col.append(values[k] if k in values else self.fixed.get(k))
+
+    def reject(self, reason: Reason, detail: str, **values) -> None:
+        self.add(**values, reason=reason.value, detail=detail)
+
+    def batch(self) -> pa.RecordBatch:
+        return pa.RecordBatch.from_pydict(self.columns, schema=self.schema)
+
+
 @dataclass(frozen=True)
 class Table:
     """One table of the lake: <lake>/tables/<name>, written by jobs/<written_by>.py."""

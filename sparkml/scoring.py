@@ -29,7 +29,7 @@ from core import storage
 from core.config import Config, ConfigError, Source
 from sparkml import progress
 from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, union_all, write_rejected, write_table
-from sparkml.schemas import TABLES, Reason, to_arrow, with_reject
+from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 STAGE = "score"
 CNNS = ("city", "topics", "likability")
@@ -199,11 +199,10 @@ def score_batch(batch: pa.RecordBatch, found: dict, cfg_f: dict, endpoint: str |
     ids = batch.column("post_id").to_pylist()
     pixels = [decode(b) for b in batch.column("image").to_pylist()]
     ok = [i for i, p in enumerate(pixels) if p is not None]
-    rows = {k: [] for k in PASS_ARROW.names}
+    rows = ResultRows(PASS_ARROW)
 
     def add(i, **values):
-        for k in rows:
-            rows[k].append(values.get(k, ids[i] if k == "post_id" else None))
+        rows.add(post_id=ids[i], **values)
 
     if ok:
         images = np.stack([pixels[i] for i in ok])
@@ -228,8 +227,8 @@ def score_batch(batch: pa.RecordBatch, found: dict, cfg_f: dict, endpoint: str |
                         likability_prob=float(probs[j, 1]))
     for i, p in enumerate(pixels):
         if p is None:
-            add(i, reason=Reason.CORRUPT_IMAGE.value, detail="the prepared JPEG did not decode")
-    return pa.RecordBatch.from_pydict(rows, schema=PASS_ARROW)
+            rows.reject(Reason.CORRUPT_IMAGE, "the prepared JPEG did not decode", post_id=ids[i])
+    return rows.batch()
 
 
 def _svm_scores(rows: DataFrame, svm: dict) -> DataFrame:
