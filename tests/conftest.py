@@ -23,7 +23,7 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -62,7 +62,7 @@ def _jvm_threads_before_timeout(request):
 def moto_endpoint():
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -153,6 +153,12 @@ def run_job(name: str, *args: str) -> int:
     staged = ["--set", f"features.weights={WEIGHTS['mobilenet_v2']}", "--set",
               f"explore.weights={WEIGHTS['mobilenet_v2']}"] if WEIGHTS else []  # a subprocess of a test: none staged
     return load_job(name).main(["--config", str(ROOT / "conf" / "local.yaml"), *staged, *args])
+
+
+def ingest(lake, source, layout: str = "manifest", *sets: str) -> int:
+    """jobs/ingest.py of `source` in `layout` into `lake`, with further `key=value` settings."""
+    return run_job("ingest", *[a for kv in (f"lake={lake}", f"source.path={source}", f"source.layout={layout}", *sets)
+                               for a in ("--set", kv)])
 
 
 def planted(truth: dict, kind: str, layout: str = "instacities") -> list[dict]:

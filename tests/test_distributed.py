@@ -2,11 +2,12 @@
 process with batch 2b; metrics average over ranks; one process needs no setup."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from tests.conftest import free_port
 
 
 def _net() -> torch.nn.Module:
@@ -49,14 +50,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
     b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_take_the_step_of_one_process_with_the_whole_batch(tmp_path):
-    mp.start_processes(_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     from dl.distributed import Single, backend
 
     alone = backend()

@@ -17,7 +17,7 @@ import pytest
 
 from core.config import Http
 from sparkml import fetch
-from tests.conftest import ROOT, rejects_by_reason, run_job
+from tests.conftest import ROOT, ingest, rejects_by_reason
 from tests.http_server import FaultServer
 
 FAST = dict(allow_private=True, read_timeout=1.0, timeout=2.0, backoff=0.05, max_bytes=1_000_000, retries=3)
@@ -170,10 +170,7 @@ def _manifest(path: Path, rows: list[dict]) -> Path:
 
 
 def _ingest(lake: Path, manifest: Path, *sets: str) -> int:
-    opts = [f"ingest.http.{k}={v}" for k, v in FAST.items()]
-    args = [a for kv in (["lake=" + str(lake), f"source.path={manifest}", "source.layout=manifest", *opts, *sets])
-            for a in ("--set", kv)]
-    return run_job("ingest", *args)
+    return ingest(lake, manifest, "manifest", *[f"ingest.http.{k}={v}" for k, v in FAST.items()], *sets)
 
 
 def test_manifest_of_urls_every_url_accounted_and_resumed(spark, served, tmp_path, photos):

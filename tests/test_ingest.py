@@ -10,7 +10,7 @@ from sparkml.lake import Lake, read_summary
 from sparkml.sample import IMG_DIR, MANIFEST
 from sparkml.schemas import POSTS, CaptionStatus
 from sparkml.sources import caption_status, decode_caption
-from tests.conftest import planted, run_job
+from tests.conftest import ingest, planted, run_job
 
 
 def test_decode_caption():
@@ -30,13 +30,9 @@ def _read(spark, lake: Path):
     return posts, rejected, read_summary(spark, lk.table("posts"))
 
 
-def _ingest(lake, source, layout: str) -> int:
-    return run_job("ingest", "--set", f"lake={lake}", "--set", f"source.path={source}", "--set", f"source.layout={layout}")
-
-
 def _ingested(spark, tmp_path_factory, name: str, source, layout: str):
     lake = tmp_path_factory.mktemp(name)
-    assert _ingest(lake, source, layout) == 0
+    assert ingest(lake, source, layout) == 0
     return _read(spark, lake)
 
 
@@ -139,7 +135,7 @@ def test_csv_and_parquet_manifests_with_odd_values(spark, sample, tmp_path):
     rows.to_parquet(pq_path)
     for i, path in enumerate((csv, pq_path)):
         lake = tmp_path / f"lake{i}"
-        assert _ingest(lake, path, "manifest") == 0
+        assert ingest(lake, path, "manifest") == 0
         posts, rejected, summary = _read(spark, lake)
         df = posts.drop("image_bytes").toPandas().set_index("post_id").sort_index()
         assert list(df.index) == ["a1", "a2", "a3", "a4"]
@@ -168,7 +164,7 @@ def test_split_layout_and_stray_files(spark, sample, tmp_path):
     (tree / "img" / "other" / "london").mkdir(parents=True)
     shutil.copy(src[0], tree / "img" / "other" / "london" / "9.jpg")       # not a split
     lake = tmp_path / "lake"
-    assert _ingest(lake, tree, "instacities") == 0
+    assert ingest(lake, tree, "instacities") == 0
     posts, rejected, summary = _read(spark, lake)
     df = posts.drop("image_bytes").toPandas().set_index("post_id")
     assert {df.loc[img.stem, "split"] for img in src} == {"train", "val", "test"}
@@ -193,6 +189,6 @@ def test_rerun_replaces_outputs(spark, sample, tmp_path):
 
 
 def test_missing_source_exits_2(spark, tmp_path, capsys):
-    assert _ingest(tmp_path, f"{tmp_path}/nothing.jsonl", "manifest") == 2
+    assert ingest(tmp_path, f"{tmp_path}/nothing.jsonl", "manifest") == 2
     assert "does not exist" in capsys.readouterr().err
-    assert _ingest(tmp_path, tmp_path, "instacities") == 2
+    assert ingest(tmp_path, tmp_path, "instacities") == 2

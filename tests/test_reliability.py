@@ -18,14 +18,7 @@ import numpy as np
 import pytest
 
 from sparkml.lake import Lake, Summary, read_summary
-from tests.conftest import ROOT, rejects_by_reason, run_job
-
-
-def _ingest(lake: Path, source: Path, layout: str = "manifest", *sets: str) -> int:
-    args = ["--set", f"lake={lake}", "--set", f"source.path={source}", "--set", f"source.layout={layout}"]
-    for s in sets:
-        args += ["--set", s]
-    return run_job("ingest", *args)
+from tests.conftest import ROOT, ingest, rejects_by_reason, run_job
 
 
 def _posts(spark, lake: Path) -> dict:
@@ -131,7 +124,7 @@ def test_two_caption_files_for_one_post(spark, tmp_path, photos):
         shutil.copyfile(p, root / IMG_DIR / "paris" / f"{i}.jpg")
         (root / CAP_DIR / "paris" / f"{i}.txt").write_text(f"caption {i}")
     (root / CAP_DIR / "paris" / "1.TXT").write_text("the same post's second caption")
-    assert _ingest(tmp_path / "lake", root, "instacities") == 0
+    assert ingest(tmp_path / "lake", root, "instacities") == 0
     posts = spark.read.parquet(Lake(str(tmp_path / "lake")).table("posts")).select("post_id", "caption").collect()
     assert sorted((r["post_id"], r["caption"]) for r in posts) == [("0", "caption 0"), ("1", "caption 1"),
                                                                    ("2", "caption 2")]
@@ -156,7 +149,7 @@ def test_bad_paths_become_rejects_and_odd_names_work(spark, tmp_path, photos):
              {"post_id": "missing", "image": "imgs/nothere.jpg"}]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _ingest(tmp_path / "lake", manifest) == 0
+    assert ingest(tmp_path / "lake", manifest) == 0
     posts = _posts(spark, tmp_path / "lake")
     assert set(posts) == {f"odd{i}" for i in range(len(odd))}
     assert all(posts[f"odd{i}"]["image_bytes"] == photos[i].read_bytes() for i in range(len(odd)))
@@ -171,7 +164,7 @@ def test_odd_names_in_the_instacities_layout(spark, tmp_path, photos):
     city.mkdir(parents=True)
     for name, p in zip(["1#2.jpg", "3?4.jpg", "5 6.jpg"], photos):
         shutil.copyfile(p, city / name)
-    assert _ingest(tmp_path / "lake", tmp_path / "insta", "instacities") == 0
+    assert ingest(tmp_path / "lake", tmp_path / "insta", "instacities") == 0
     assert set(_posts(spark, tmp_path / "lake")) == {"1#2", "3?4", "5 6"}
 
 
@@ -186,7 +179,7 @@ def test_duplicate_post_keeps_the_first_row_with_a_usable_image(spark, tmp_path,
             {"post_id": "q", "image": "imgs/1.jpg", "caption": "valid"}]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _ingest(tmp_path / "lake", manifest) == 0
+    assert ingest(tmp_path / "lake", manifest) == 0
     posts = _posts(spark, tmp_path / "lake")
     assert {k: v["caption"] for k, v in posts.items()} == {"p": "first", "q": "valid"}
     assert rejects_by_reason(spark, Lake(str(tmp_path / "lake")), "ingest") == {"duplicate_post": {"p", "q"}}
@@ -207,7 +200,7 @@ def test_csv_records_are_all_accounted(spark, tmp_path, photos):
            b"\n"
            b"4,4.jpg,caf\xe9 latin-1\n")
     (tmp_path / "m.csv").write_bytes(csv)
-    assert _ingest(tmp_path / "lake", tmp_path / "m.csv") == 0
+    assert ingest(tmp_path / "lake", tmp_path / "m.csv") == 0
     posts = _posts(spark, tmp_path / "lake")
     assert {k: (v["caption"], v["caption_status"]) for k, v in posts.items()} == {
         "0": ("plain", "ok"), "1": ("two\nlines, quoted", "ok"), "3": ("after the bad one", "ok"),
@@ -234,7 +227,7 @@ def test_json_lines_records_are_all_accounted(spark, tmp_path, photos):
              b'{"post_id": "3", "image": "0.jpg", "caption": ["a", "list"]}']
     (tmp_path / "m.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     lake = Lake(str(tmp_path / "lake"))
-    assert _ingest(tmp_path / "lake", tmp_path / "m.jsonl") == 0
+    assert ingest(tmp_path / "lake", tmp_path / "m.jsonl") == 0
     posts = _posts(spark, tmp_path / "lake")
     assert set(posts) == {"0", "1", "2"}
     assert posts["0"]["caption"] == "caf\ufffd" and posts["0"]["caption_status"] == "not_utf8"
@@ -270,7 +263,7 @@ def test_bad_setups_exit_2_with_one_line(spark, tmp_path, capsys, case, photos):
         (tmp_path / "dir" / "b.jsonl").write_text('{"post_id": "1", "image": "0.jpg"}\n')
         source = tmp_path / "dir"
     capsys.readouterr()
-    assert _ingest(lake, source, "manifest", *sets) == 2
+    assert ingest(lake, source, "manifest", *sets) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("ingest.py")]
     assert len(err) == 1 and "error:" in err[0] and "Traceback" not in err[0], err
 
@@ -280,7 +273,7 @@ def test_a_folder_of_json_lines_is_a_manifest(spark, tmp_path, photos):
     for i in range(4):
         shutil.copyfile(photos[i], tmp_path / f"{i}.jpg")
         (tmp_path / "parts" / f"part-{i}.jsonl").write_text(json.dumps({"post_id": str(i), "image": f"../{i}.jpg"}) + "\n")
-    assert _ingest(tmp_path / "lake", tmp_path / "parts") == 0
+    assert ingest(tmp_path / "lake", tmp_path / "parts") == 0
     assert set(_posts(spark, tmp_path / "lake")) == {"0", "1", "2", "3"}
 
 
@@ -314,7 +307,7 @@ def test_no_credential_reaches_any_output(spark, tmp_path, photos, capfd, monkey
         (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         lake = tmp_path / "lake"
         capfd.readouterr()
-        assert _ingest(lake, tmp_path / "m.jsonl", "manifest", "ingest.http.allow_private=true") == 0
+        assert ingest(lake, tmp_path / "m.jsonl", "manifest", "ingest.http.allow_private=true") == 0
         out = capfd.readouterr()
         assert server.credentials_seen == 0
     finally:
@@ -334,9 +327,9 @@ def test_a_stage_refuses_an_input_made_from_an_older_input(spark, tmp_path, phot
     first.write_text("".join(json.dumps({"post_id": str(i), "image": f"{i}.jpg"}) + "\n" for i in range(3)))
     second.write_text("".join(json.dumps({"post_id": str(i), "image": f"{i}.jpg"}) + "\n" for i in range(3, 6)))
     lake = tmp_path / "lake"
-    assert _ingest(lake, first) == 0
+    assert ingest(lake, first) == 0
     assert run_job("prepare_images", "--set", f"lake={lake}") == 0
-    assert _ingest(lake, second) == 0  # new posts: the images table is now from the old ones
+    assert ingest(lake, second) == 0  # new posts: the images table is now from the old ones
     capsys.readouterr()
     assert run_job("dedup", "--set", f"lake={lake}") == 2
     err = capsys.readouterr().err.strip().splitlines()
