@@ -45,7 +45,7 @@ def read_exported(root: str, endpoint: str | None = None, region: str | None = N
 
     root = storage.qualify(root).rstrip("/")
     raw = storage.read_uri(f"{root}/model.json", endpoint, region)
-    if raw is None or storage.read_uri(f"{root}/_SUMMARY.json", endpoint, region) is None:
+    if raw is None or storage.read_uri(f"{root}/{storage.SUMMARY_FILE}", endpoint, region) is None:
         return None  # not exported, or a training run that has not finished
     return Exported(root, parse_meta(raw, f"{root}/model.json"), hashlib.blake2b(raw, digest_size=6).hexdigest())
 

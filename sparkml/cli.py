@@ -13,13 +13,12 @@ import argparse
 import logging
 import sys
 import time
-import uuid
 from typing import Callable
 
 from core import storage
 from core.config import Config, ConfigError, describe_keys, load_config
 from sparkml import lake
-from sparkml.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, write_summary
+from sparkml.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, close_output
 
 log = logging.getLogger("instalearn")
 
@@ -104,22 +103,21 @@ def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
               f"spark.*): {_first_line(e)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    lake.forget_reads()
+    lake.start_run()
     try:  # the outputs' locks are held until the summary is written
         with progress.Progress(spark, stage, progress.interval(cfg.progress.interval)):
             summary = body(spark, cfg, args)
         summary.seconds = round(time.perf_counter() - t0, 3)
-        # who made this output from what: readers refuse it once one of its inputs is rewritten
-        summary.extra.update(run_id=uuid.uuid4().hex, inputs=lake.inputs_read(summary.output))
         log.info(summary.line())
         print(summary.line())
         if not summary.balanced:
             # no _SUMMARY.json: the output must not look complete to the stages after this one
-            write_summary(spark, summary, FAILED_FILE)
+            close_output(spark, summary, FAILED_FILE)
             log.error("%s: input != output + rejected + duplicates: records were lost; this is a bug. The output "
                       "has no %s (the counts are in %s/%s)", stage, SUMMARY_FILE, summary.output, FAILED_FILE)
             return 1
-        write_summary(spark, summary)
+        # who made this output from what: readers refuse it once one of its inputs is rewritten
+        close_output(spark, summary)
         return 0
     except (ConfigError, IncompleteInput) as e:
         print(f"{stage}.py: error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ from pyspark.sql import types as T
 from core import storage
 from core.config import Config, ConfigError
 from sparkml.dedup import unique_images
-from sparkml.lake import Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
+from sparkml.lake import SUMMARY_FILE, Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
 from sparkml.schemas import SPLITS, Reason
 from sparkml.splits import assign_split
 
@@ -105,7 +105,7 @@ def _cities(spark: SparkSession, lake: Lake, images: DataFrame, cfg: Config):
     index = spark.createDataFrame([(c, i) for i, c in enumerate(cities)], "city string, label int")
     labelled = labelled.join(F.broadcast(index), "city")
     num_topics = None
-    if storage.exists(spark, f"{lake.table('topics')}/_SUMMARY.json"):  # caption topics: the regression target
+    if storage.exists(spark, f"{lake.table('topics')}/{SUMMARY_FILE}"):  # caption topics: the regression target
         topics = read_table(spark, lake, "topics")
         first = topics.select(F.size("topics").alias("k")).first()
         num_topics = int(first["k"]) if first else None

@@ -164,7 +164,7 @@ def explore(spark, cfg):
     from dl.weights import card
     from sparkml import progress
     from sparkml.features import extractor
-    from sparkml.lake import Lake, Summary, begin_output, read_complete, write_rejected, write_table
+    from sparkml.lake import Lake, Summary, begin_output, close_output, read_complete, write_rejected, write_table
     from sparkml.retrieval import contact_sheet, jpegs
 
     e = cfg.explore
@@ -273,8 +273,8 @@ def explore(spark, cfg):
             "map": "tsne.png", "silhouette_plot": "silhouette.png"}
     storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1).encode())
     storage.write_bytes(spark, f"{report}/metrics.md", markdown(body).encode())
-    storage.write_bytes(spark, f"{report}/_SUMMARY.json", json.dumps({"stage": "explore", "output": report}).encode())
-    storage.write_bytes(spark, f"{model_uri}/_SUMMARY.json", json.dumps({"stage": "explore", "k": e.k}).encode())
+    close_output(spark, {"stage": "explore", "output": report})
+    close_output(spark, {"stage": "explore", "output": model_uri, "k": e.k})
     for df in (assigned, data, result):
         df.unpersist()
     bc.destroy()

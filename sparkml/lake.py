@@ -18,6 +18,7 @@ import posixpath
 import socket
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
@@ -32,8 +33,7 @@ from sparkml.schemas import TABLES, with_reject
 
 log = logging.getLogger("instalearn")
 
-SUMMARY_FILE = "_SUMMARY.json"
-FAILED_FILE = "_FAILED.json"  # the counts of a run whose counts did not balance (never read as complete)
+SUMMARY_FILE, FAILED_FILE = storage.SUMMARY_FILE, storage.FAILED_FILE
 
 
 class Lake:
@@ -86,8 +86,14 @@ def inputs_read(output: str) -> dict[str, str | None]:
     return named
 
 
-def forget_reads() -> None:
+_run: dict[str, str | None] = {"id": None}  # this process's stage run: the id its outputs' summaries carry
+
+
+def start_run() -> str:
+    """A stage's run begins in this process (cli.run): a new run id, no inputs read yet."""
+    _run["id"] = uuid.uuid4().hex
     _reads.clear()
+    return _run["id"]
 
 
 def staleness(spark: SparkSession, output: str) -> str | None:
@@ -104,17 +110,29 @@ def staleness(spark: SparkSession, output: str) -> str | None:
     return None
 
 
-def read_complete(spark: SparkSession, uri: str, remedy: str, summary: str | None = None) -> DataFrame:
-    """Parquet at uri that its writer finished (its _SUMMARY.json exists, at `summary` when the
-    output is a folder of several: a dataset's splits) from the inputs that are there now; else
-    IncompleteInput (a stale output names its job too)."""
-    output = summary or uri
-    why = staleness(spark, output)
+def open_input(spark: SparkSession, output: str, remedy: str, fresh: bool = True) -> dict:
+    """The summary of an output another stage completed (its _SUMMARY.json exists and balances)
+    and, when `fresh`, made from the inputs that are there now; else IncompleteInput naming the
+    remedy (" first" becomes " again" for a stale one). Recorded as read: its run id goes into
+    the summaries of this run's outputs (close_output). fresh=False is for a model that stays
+    usable after its training data changed (score)."""
+    why = staleness(spark, output) if fresh else \
+        (None if storage.exists(spark, f"{output}/{SUMMARY_FILE}") else "missing or incomplete")
+    summary = read_summary(spark, output) if why is None else {}
+    if why is None and summary.get("balanced") is False:
+        why = "unbalanced (its counts do not add up: records were lost)"
     if why is not None:
         stale = why.startswith("stale")
         raise IncompleteInput(f"{output} is {why}{'; ' if stale else ': '}"
                               f"{remedy.replace(' first', ' again') if stale else remedy}")
-    _reads[output] = read_summary(spark, output).get("run_id")
+    _reads[output] = summary.get("run_id")
+    return summary
+
+
+def read_complete(spark: SparkSession, uri: str, remedy: str, summary: str | None = None) -> DataFrame:
+    """Parquet at uri that its writer completed (open_input; its summary at `summary` when the
+    output is a folder of several: a dataset's splits)."""
+    open_input(spark, summary or uri, remedy)
     return spark.read.parquet(uri)
 
 
@@ -308,7 +326,27 @@ def begin_output(spark: SparkSession, output: str) -> None:
 
 
 def write_summary(spark: SparkSession, summary: Summary, name: str = SUMMARY_FILE) -> None:
+    """The summary as it is (close_output adds the run's id and inputs first)."""
     storage.write_bytes(spark, f"{summary.output}/{name}", summary.to_json().encode())
+
+
+def _json_default(value):
+    return value.item() if hasattr(value, "item") else str(value)  # numpy scalars as numbers
+
+
+def close_output(spark: SparkSession, summary: Summary | dict, name: str = SUMMARY_FILE) -> None:
+    """Mark an output complete: its summary (a stage's counts, or a dict with `output` for a
+    stage's other outputs: a report, a model beside a table) with this run's id and the inputs
+    it was made from, written last. name=FAILED_FILE keeps the counts of an unbalanced run
+    without marking it complete."""
+    if isinstance(summary, Summary):
+        summary.extra.update(run_id=_run["id"], inputs=inputs_read(summary.output))
+        write_summary(spark, summary, name)
+        return
+    output = summary["output"]
+    text = json.dumps({**summary, "run_id": _run["id"], "inputs": inputs_read(output)}, indent=2, sort_keys=True,
+                      default=_json_default)
+    storage.write_bytes(spark, f"{output}/{name}", text.encode())
 
 
 def read_summary(spark: SparkSession, output: str) -> dict:

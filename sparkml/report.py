@@ -18,7 +18,7 @@ import numpy as np
 
 from core import storage
 from core.figures import png, pyplot
-from sparkml.lake import Lake
+from sparkml.lake import SUMMARY_FILE, Lake
 
 FILES = "report_files"
 NEW, OLD = ".new", ".old"  # the report being written beside the old one, and the old one while it is swapped
@@ -183,7 +183,7 @@ def accounting(page: Page) -> str | None:
     for stage, rel in ACCOUNTED:
         if not page.complete(rel):
             continue
-        s = page.json(f"{lake.root}/{rel}/_SUMMARY.json")
+        s = page.json(f"{lake.root}/{rel}/{SUMMARY_FILE}")
         rej = ", ".join(f"{k} {v}" for k, v in sorted(s.get("rejected", {}).items())) or "-"
         dup = ", ".join(f"{k} {v}" for k, v in sorted(s.get("duplicates", {}).items())) or "-"
         ok = "yes" if s.get("balanced") else Raw('<span class="bad">NO</span>')
@@ -205,7 +205,7 @@ def rejected_examples(page: Page, per_reason: int = 2) -> str:
     from pyspark.sql import functions as F
 
     spark, lake = page.spark, page.lake
-    if not storage.exists(spark, lake.rejected()) or not storage.exists(spark, f"{lake.table('posts')}/_SUMMARY.json"):
+    if not storage.exists(spark, lake.rejected()) or not storage.exists(spark, f"{lake.table('posts')}/{SUMMARY_FILE}"):
         return ""
     rej = spark.read.parquet(lake.rejected()).where(F.col("stage").isin("ingest", "prepare_images")
                                                      & F.col("post_id").isNotNull())
@@ -231,7 +231,7 @@ def duplicate_examples(page: Page, n: int = 4) -> str:
     from sparkml.retrieval import jpegs
 
     spark, lake = page.spark, page.lake
-    if not storage.exists(spark, f"{lake.table('duplicates')}/_SUMMARY.json"):
+    if not storage.exists(spark, f"{lake.table('duplicates')}/{SUMMARY_FILE}"):
         return ""
     dups = spark.read.parquet(lake.table("duplicates")).where(F.col("kind") == "near") \
         .orderBy(F.col("hamming").desc(), "post_id").limit(n).collect()
@@ -401,7 +401,7 @@ def exploration(page: Page) -> str | None:
 def scoring(page: Page) -> str | None:
     if not page.complete("tables/scores"):
         return None
-    s = page.json(f"{page.lake.table('scores')}/_SUMMARY.json")
+    s = page.json(f"{page.lake.table('scores')}/{SUMMARY_FILE}")
     rej = ", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items())) or "none"
     missing = "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in s.get("missing_models", {}).items())
     return (f"<p>{s['output_rows']} of {s['input_rows']} new images scored from <code>{esc(s['input'])}</code> "

@@ -28,7 +28,8 @@ from pyspark.sql import types as T
 from core import storage
 from core.config import Config, ConfigError, Source
 from sparkml import progress
-from sparkml.lake import IncompleteInput, Lake, Summary, begin_output, union_all, write_rejected, write_table
+from sparkml.lake import (SUMMARY_FILE, IncompleteInput, Lake, Summary, begin_output, open_input, union_all,
+                          write_rejected, write_table)
 from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 STAGE = "score"
@@ -46,10 +47,9 @@ PASS_ARROW = to_arrow(PASS)
 
 def _svm_model(spark: SparkSession, lake: Lake) -> dict | None:
     """The best SVM train_svm chose on validation, with the features it was trained on."""
-    uri = f"{lake.model(SVM)}/_SUMMARY.json"
-    if not storage.exists(spark, uri):
+    if not storage.exists(spark, f"{lake.model(SVM)}/{SUMMARY_FILE}"):
         return None
-    summary = json.loads(storage.read_bytes(spark, uri))
+    summary = open_input(spark, lake.model(SVM), "run jobs/train_svm.py first", fresh=False)
     best, made = summary["best"], summary["features"]
     # the version digests what the model is, not the summary's run id and timings: a rerun of the same
     # training gets the same; the path is relative to the models folder, so a lake moved whole finds its own
@@ -124,9 +124,9 @@ def _check(spark: SparkSession, cfg: Config, name: str, m) -> None:
         if want is not None and list(want) != list(labels):
             raise ConfigError(f"score: models/city predicts {labels}, score.labels asks for {list(want)}")
     if name == "topics":
-        lda = f"{Lake(cfg.lake).model('lda')}/_SUMMARY.json"
-        if storage.exists(spark, lda):
-            topics = json.loads(storage.read_bytes(spark, lda)).get("num_topics")
+        lda = Lake(cfg.lake).model("lda")
+        if storage.exists(spark, f"{lda}/{SUMMARY_FILE}"):
+            topics = open_input(spark, lda, "run jobs/train_lda.py first", fresh=False).get("num_topics")
             if topics is not None and topics != m.meta["outputs"]:
                 raise ConfigError(f"score: models/topics regresses {m.meta['outputs']} topics, this lake's LDA has "
                                   f"{topics}: its vectors would not be in the LDA's topic space (retrain topics)")

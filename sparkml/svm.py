@@ -339,7 +339,7 @@ def train_svm(spark, cfg):
     from pyspark.sql import functions as F
 
     from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, union_all, write_rejected
+    from sparkml.lake import Lake, Summary, begin_output, close_output, union_all, write_rejected
     from sparkml.schemas import Reason
 
     s = cfg.svm
@@ -430,8 +430,7 @@ def train_svm(spark, cfg):
              "test_positive_rate": positive_rate,
              "test_ap": {f"{r['algorithm']}/{r['layer']}/{r['variant']}": r["test_ap"] for r in results}}
     # The report is this stage's other output: mark it complete too.
-    storage.write_bytes(spark, f"{report}/_SUMMARY.json", json.dumps(
-        {"stage": "train_svm", "output": report, "models": models, "best": body["best"]}, default=float).encode())
+    close_output(spark, {"stage": "train_svm", "output": report, "models": models, "best": body["best"]})
     return Summary(stage="train_svm", input_rows=images + sum(rejected.values()), output_rows=images,
                    rejected=rejected, output=models, extra=extra)
 

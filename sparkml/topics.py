@@ -12,7 +12,6 @@ corpus is read one Parquet batch at a time on every pass, so memory does not gro
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import resource
 import shutil
@@ -28,8 +27,8 @@ from pyspark.sql import functions as F
 
 from core import storage
 from core.config import Config, ConfigError
-from sparkml.lake import (IncompleteInput, Lake, Summary, begin_output, read_summary, read_table, write_rejected,
-                          write_table)
+from sparkml.lake import (Lake, Summary, begin_output, close_output, open_input, read_summary, read_table,
+                          write_rejected, write_table)
 from sparkml.schemas import TABLES, Reason
 from sparkml.splits import assign_split
 from sparkml.text import TOKENS_ARROW, tokens_batch
@@ -111,8 +110,7 @@ def load_lda(spark, lake: Lake, cfg: Config):
     from gensim.models import LdaModel
 
     uri = lake.model("lda")
-    if not storage.exists(spark, f"{uri}/_SUMMARY.json"):
-        raise IncompleteInput(f"{uri} has no trained model: run jobs/train_lda.py first")
+    open_input(spark, uri, "run jobs/train_lda.py first")
     with _local_dir() as local:
         storage.download(spark, uri, local)
         return LdaModel.load(os.path.join(local, "lda.model"))  # reads every file now: the folder can go
@@ -184,8 +182,7 @@ def train_lda(spark: SparkSession, cfg: Config) -> Summary:
                           "peak_rss_mb_driver_python": round(max(rss0, _peak_rss_mb()), 1),
                           "top_words": top, "bow_table": bow_uri})
     # The bow table is this stage's other output: mark it complete too.
-    storage.write_bytes(spark, f"{bow_uri}/_SUMMARY.json", json.dumps(
-        {"stage": "train_lda", "output": bow_uri, "output_rows": summary.output_rows}).encode())
+    close_output(spark, {"stage": "train_lda", "output": bow_uri, "output_rows": summary.output_rows})
     return summary
 
 

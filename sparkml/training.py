@@ -20,7 +20,7 @@ from pyspark.sql import SparkSession
 from core import storage
 from core.config import Config, ConfigError, read_yaml
 from dl.spec import Outputs, TrainSpec
-from sparkml.lake import IncompleteInput, Lake, Summary, UnusableInput, lock_output, read_summary, write_summary
+from sparkml.lake import Lake, Summary, UnusableInput, close_output, lock_output, open_input
 from sparkml.schemas import SPLITS, TABLES
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
@@ -124,10 +124,8 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> TrainSpec:
     lake = Lake(cfg.lake)
     task = TASKS[t.task]
     root = lake.dataset(t.dataset)
-    if not storage.exists(spark, f"{root}/_SUMMARY.json"):
-        raise IncompleteInput(f"{root} is missing or incomplete: run jobs/build_dataset.py"
-                              + (" --set dataset.labels=likability" if t.task == "likability" else ""))
-    built = read_summary(spark, root)
+    built = open_input(spark, root, "run jobs/build_dataset.py"
+                       + (" --set dataset.labels=likability" if t.task == "likability" else "") + " first")
     urls = {s: f"{root}/{s}" for s in SPLITS}
     for split in SPLITS:
         if not built["splits"].get(split):
@@ -302,8 +300,8 @@ def train_cnn(spark: SparkSession, cfg: Config, resume: bool = False) -> Summary
     rows = sum(s.rows.values())
     if s.staged.table:
         written = spark.read.parquet(s.staged.table).count()
-        write_summary(spark, Summary(stage="train_cnn", input_rows=s.rows["test"], output_rows=written,
-                                     output=s.staged.table, extra={"task": task, "split": "test"}))
+        close_output(spark, Summary(stage="train_cnn", input_rows=s.rows["test"], output_rows=written,
+                                    output=s.staged.table, extra={"task": task, "split": "test"}))
     _publish(spark, s, cfg)
     test = {k: v for k, v in result["test"].items() if k not in ("confusion",)}
     return Summary(stage="train_cnn", input_rows=rows, output_rows=rows, output=s.final.export, extra={

@@ -1,8 +1,11 @@
 import os
 
+import pytest
+
 from core import storage
 from core.config import load_config
-from sparkml.lake import Lake, Summary, read_summary, write_summary
+from sparkml import lake as lk
+from sparkml.lake import IncompleteInput, Lake, Summary, read_summary, write_summary
 from sparkml.session import get_session, s3a_conf
 from tests.conftest import ROOT
 
@@ -43,6 +46,32 @@ def test_summary_balance_and_roundtrip(spark, tmp_path):
     lake = Lake("s3a://b/run/")
     assert lake.table("posts") == "s3a://b/run/tables/posts"
     assert lake.rejected("ingest") == "s3a://b/run/tables/rejected/stage=ingest"
+
+
+def test_an_input_opens_only_complete_balanced_and_fresh_and_outputs_close_with_the_run_that_read_it(spark, tmp_path):
+    up, down, other = (str(tmp_path / n) for n in ("up", "down", "other"))
+    first = lk.start_run()
+    lk.close_output(spark, Summary(stage="a", input_rows=2, output_rows=2, output=up))
+    assert read_summary(spark, up)["run_id"] == first and read_summary(spark, up)["inputs"] == {}
+    second = lk.start_run()
+    assert second != first
+    assert lk.open_input(spark, up, "run a first")["run_id"] == first
+    lk.close_output(spark, Summary(stage="b", input_rows=2, output_rows=2, output=down))
+    lk.close_output(spark, {"stage": "b", "output": other, "k": 3})  # a stage's other output: a report, a model
+    for out in (down, other):
+        assert read_summary(spark, out)["run_id"] == second and read_summary(spark, out)["inputs"] == {"../up": first}
+    assert read_summary(spark, other)["k"] == 3
+    assert lk.open_input(spark, down, "run b first")["output_rows"] == 2
+    lk.start_run()  # `up` made again: `down` is stale, but a model-like reader may still take it
+    lk.close_output(spark, Summary(stage="a", input_rows=1, output_rows=1, output=up))
+    with pytest.raises(IncompleteInput, match=r"down is stale: it was made from .*up, which has been rewritten.*; run b again"):
+        lk.open_input(spark, down, "run b first")
+    assert lk.open_input(spark, down, "run b first", fresh=False)["run_id"] == second
+    write_summary(spark, Summary(stage="c", input_rows=3, output_rows=1, output=str(tmp_path / "lost")))
+    with pytest.raises(IncompleteInput, match=r"lost is unbalanced .*: run c first"):
+        lk.open_input(spark, str(tmp_path / "lost"), "run c first")
+    with pytest.raises(IncompleteInput, match=r"nothing is missing or incomplete: run d first"):
+        lk.open_input(spark, str(tmp_path / "nothing"), "run d first")
 
 
 def test_session_is_shared_and_arrow_is_on(spark, moto_endpoint):
