@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from core.config import load_config  # noqa: E402
 from dl import data  # noqa: E402
-from dl.train import TASKS, build, loss_fn, optimizer  # noqa: E402
+from dl.recipe import TASKS, build, loss_fn, optimizer  # noqa: E402
 from sparkml.training import preset  # noqa: E402
 
 

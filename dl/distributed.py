@@ -10,8 +10,8 @@
 
 `Single` is one process with no distributed setup. `DDP` is torch.distributed from the
 variables torchrun and TorchDistributor export (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT): gloo on CPU, NCCL with one GPU per process. `dl.horovod.Horovod` is the same
-interface over Horovod. Torch only, no Spark: the function TorchDistributor pickles imports
+MASTER_PORT): gloo on CPU, NCCL with one GPU per process. `Horovod` is the same interface over
+Horovod (hvd.DistributedOptimizer averages; launched by dl.horovod.spark_run). Torch only, no Spark: the function TorchDistributor pickles imports
 this inside.
 """
 
@@ -29,6 +29,9 @@ class Single:
     """One process: rank 0 of 1, nothing to synchronise."""
 
     rank, size, local_rank = 0, 1, 0
+    # whether the model's parameters may be channels_last (Horovod's collectives take contiguous
+    # tensors only: its parameters, and so their gradients, stay in the default format)
+    channels_last_params = True
 
     def __init__(self, gpu: bool | None = None):
         self.device = torch.device("cuda" if _cuda(gpu) else "cpu")
@@ -111,6 +114,52 @@ class DDP(Single):
             self._dist.destroy_process_group()
 
 
+class Horovod(Single):
+    """hvd.init() in this process; rank and size from Horovod's launcher."""
+
+    channels_last_params = False
+
+    def __init__(self, gpu: bool | None = None):
+        import horovod.torch as hvd
+
+        hvd.init()
+        self.hvd = hvd
+        self.rank, self.size, self.local_rank = hvd.rank(), hvd.size(), hvd.local_rank()
+        self.device = rank_device(self.local_rank, gpu)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model itself, with rank 0's weights on every rank (the optimizer averages)."""
+        self.broadcast(model)
+        return model
+
+    def wrap_optimizer(self, opt: torch.optim.Optimizer, model: nn.Module, accumulate: int = 1):
+        return self.hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters(),
+                                             backward_passes_per_step=accumulate, op=self.hvd.Average)
+
+    @contextlib.contextmanager
+    def averaged(self, opt):
+        """Waits for the allreduces the backward pass started: until then they write into the
+        gradients in the background, and reading them (the NaN check) races with that."""
+        opt.synchronize()
+        with opt.skip_synchronize():
+            yield
+
+    def broadcast(self, model: nn.Module) -> None:
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allreduce(value.detach().clone(), op=self.hvd.Average)
+
+    def gather(self, obj) -> list:
+        return self.hvd.allgather_object(obj)
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
+    def close(self) -> None:
+        self.hvd.shutdown()
+
+
 def _cuda(gpu: bool | None) -> bool:
     """GPU when asked (and present), the CPU when not; None: the GPU when there is one."""
     return torch.cuda.is_available() and gpu is not False
@@ -130,7 +179,5 @@ def backend(kind: str = "ddp", gpu: bool | None = None) -> Single:
     Single; horovod: the Horovod backend (dl.horovod), whatever the size. gpu=False keeps a
     GPU machine's processes on the CPU."""
     if kind == "horovod":
-        from dl.horovod import Horovod
-
         return Horovod(gpu)
     return DDP(gpu) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else Single(gpu)

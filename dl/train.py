@@ -11,169 +11,34 @@ random state at any point is a function of the position: a checkpoint holds the 
 optimizer and scheduler state and the position (epoch, batch, iteration, running sums), and a
 resumed run takes the same steps as an uninterrupted one. Rank 0 writes checkpoints, the best
 model by validation (<lake>/models/<task>/model.pt + model.json), metrics.json, TensorBoard
-events and the training curve (<lake>/reports/train_<task>/).
+events and the training curve (<lake>/reports/train_<task>/), through dl.results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from core import storage
-from core.figures import png, pyplot
-from dl import checkpoint, data, distributed, models
+from dl import checkpoint, data, distributed
+from dl.recipe import (TASKS, TrainError, batchnorm_frozen, build, classification, finite, loss_fn, masked_bce,
+                       optimizer, schedule, set_train_mode)
+from dl.results import Results
 from dl.spec import TrainSpec
-
-# What each task learns and how its validation picks the best epoch.
-@dataclass(frozen=True)
-class Task:
-    target: str          # dataset column: label (int) or topics (float vector)
-    loss: str            # ce: cross-entropy; bce: sigmoid cross-entropy on soft targets
-    select: str          # validation figure that picks the exported model
-    higher_is_better: bool
-
-
-TASKS = {
-    "city": Task("label", "ce", "top1", True),
-    "likability": Task("label", "ce", "accuracy", True),
-    "topics": Task("topics", "bce", "loss", False),
-}
-
-# Fields of train.* that a resumed run must share with the checkpoint it continues.
-RESUME_KEYS = ("task", "dataset", "model", "weights", "seed", "freeze", "batchnorm", "dropout", "optimizer",
-               "batch_size", "accumulate", "crop", "processes", "backend")
-
 
 # The per-rank sums of the epoch so far (train loss and accuracy), checkpointed for every rank.
 RUNNING = ("loss_sum", "correct", "rows")
 
 
-class TrainError(ValueError):
-    """A training setup that cannot run (bad freeze list, too few batches): said in one line."""
-
-
-def frozen_modules(model: nn.Module, freeze: list[str]) -> list[str]:
-    """The module names train.freeze asks for; `backbone` stands for every module outside the
-    head's path (the head alone is trained)."""
-    names = dict(model.named_modules())
-    out = []
-    for prefix in freeze:
-        if prefix == "backbone":
-            path, _ = models.head(model)
-            node = ""
-            for part in path.split("."):  # walk down to the head: every sibling on the way is backbone
-                parent = model.get_submodule(node) if node else model
-                out += [f"{node}.{n}" if node else n for n, _ in parent.named_children() if n != part]
-                node = f"{node}.{part}" if node else part
-        elif prefix not in names:
-            top = ", ".join(n for n, _ in model.named_children())
-            raise TrainError(f"train.freeze: {type(model).__name__.lower()} has no module {prefix!r} (its top-level "
-                             f"modules: {top}; or backbone: all but the head)")
-        else:
-            out.append(prefix)
-    return out
-
-
-def batchnorm_frozen(t, card) -> bool:
-    """Batch norm held in eval mode with its affine fixed: asked for, or (auto) weights whose
-    batch norm was folded into the convolutions (train mode would discard the folded scale)."""
-    return t.batchnorm == "frozen" or (t.batchnorm == "auto" and card.batchnorm == "folded")
-
-
-def build(t, outputs: int, endpoint: str | None = None, region: str | None = None) -> tuple[nn.Module, list[str]]:
-    """The model with its new head and the names of its frozen modules (their weights fixed;
-    with frozen batch norm, every batch-norm layer among them)."""
-    from dl.weights import card
-
-    model = models.load_model(t.model, t.weights, num_classes=outputs, endpoint=endpoint, region=region, seed=t.seed)
-    frozen = frozen_modules(model, list(t.freeze))
-    if batchnorm_frozen(t, card(t.model, t.weights, endpoint, region)):
-        frozen += [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    for name in frozen:
-        for p in model.get_submodule(name).parameters():
-            p.requires_grad_(False)
-    if not any(p.requires_grad for p in model.parameters()):
-        raise TrainError(f"train.freeze {list(t.freeze)} leaves nothing of {t.model} to train")
-    if t.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = t.dropout
-    return model, frozen
-
-
-def set_train_mode(model: nn.Module, frozen: list[str]) -> None:
-    """Training mode, except frozen modules: their batch-norm statistics stay fixed too."""
-    model.train()
-    for name in frozen:
-        model.get_submodule(name).eval()
-
-
-def schedule(t, iterations: int):
-    """Learning-rate factor per optimizer step (LambdaLR)."""
-    if t.schedule == "step":
-        return lambda it: t.gamma ** (it // t.step_size)
-    if t.schedule == "poly":
-        return lambda it: max(0.0, 1.0 - it / max(1, iterations)) ** t.power
-    return lambda it: 1.0
-
-
-def optimizer(t, params, world: int) -> torch.optim.Optimizer:
-    lr = t.lr * (world if t.lr_scaling == "linear" else 1)
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
-
-
-def finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every value of the tensors is finite (one reduction, not one per tensor)."""
-    return not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all())
-
-
 def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def loss_fn(task: Task, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean loss of the batch; soft targets that are missing (NaN rows) do not count."""
-    logits = logits.float()
-    if task.loss == "ce":
-        return F.cross_entropy(logits, target.long())
-    ok = ~torch.isnan(target).any(1)
-    if not bool(ok.any()):
-        return logits.sum() * 0.0  # keeps every parameter in the graph (DDP expects it)
-    return F.binary_cross_entropy_with_logits(logits[ok], target[ok])
-
-
-def classification(scores: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
-    """top1 / accuracy, per-class accuracy and the confusion matrix (rows: true, columns:
-    predicted); with two classes also the average precision of class 1."""
-    pred = scores.argmax(1)
-    k = len(names)
-    confusion = np.zeros((k, k), np.int64)
-    np.add.at(confusion, (labels.astype(int), pred), 1)
-    per = {n: (float(confusion[i, i] / confusion[i].sum()) if confusion[i].sum() else None) for i, n in enumerate(names)}
-    out = {"rows": int(len(labels)), "top1": float((pred == labels).mean()) if len(labels) else None,
-           "per_class": per, "confusion": confusion.tolist()}
-    out["accuracy"] = out["top1"]
-    if k == 2 and len(set(labels.tolist())) == 2:
-        from sklearn.metrics import average_precision_score
-
-        prob = torch.softmax(torch.from_numpy(scores).double(), 1)[:, 1].numpy()
-        out["ap"] = float(average_precision_score(labels, prob))
-        out["positive_rate"] = float(labels.mean())
-    return out
 
 
 class Run:
@@ -192,9 +57,8 @@ class Run:
         self.model, self.frozen = build(self.t, spec.outputs, **self.io)
         pre = spec.preprocessing
         self.norm = (tuple(pre["mean"]), tuple(pre["std"]))  # the weights' input normalisation
-        # Horovod's collectives take contiguous tensors only: its parameters (and so their
-        # gradients) stay in the default format; the inputs are channels_last either way
-        fmt = torch.channels_last if self.t.channels_last and self.t.backend != "horovod" else torch.contiguous_format
+        # the inputs are channels_last either way
+        fmt = torch.channels_last if self.t.channels_last and self.b.channels_last_params else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
         p = data.plan(spec.urls["train"], self.b.size, self.t.batch_size, **self.io)
         self.batches = p.steps - p.steps % self.t.accumulate  # per epoch, a whole number of iterations
@@ -222,7 +86,7 @@ class Run:
             self.pos.update(self.pos.pop("ranks")[self.b.rank])  # this rank's running sums
             self.resumed_from = uri
         self.net = self.b.wrap(self.model)
-        self.writer = None
+        self.results = Results(spec)
 
     # ---- the loop -------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -241,10 +105,8 @@ class Run:
                   "iterations": self.iterations, "world": self.b.size, "device": self.device.type,
                   "resumed_from": self.resumed_from}
         if self.rank0:
-            self.write_json("metrics.json", result)
-            if self.writer:
-                self.writer.close()
-                self.upload_events()
+            self.results.write_json("metrics.json", result)
+            self.results.close()
         self.b.barrier()
         self.b.close()
         return result
@@ -316,12 +178,12 @@ class Run:
         if better:
             pos["best"] = {"epoch": e + 1, "metric": f"val_{task.select}", "value": figure}
             if self.rank0:
-                self.export(e + 1, val)
+                self.results.export(self.model, self.meta(e + 1, val))
         if self.rank0:
             self.say(f"epoch {e + 1}/{t.epochs}: " + ", ".join(
                 f"{k} {v:.4g}" for k, v in record.items() if isinstance(v, float) and k != "lr")
                 + (" (best so far: exported)" if better else ""))
-            self.log_epoch(record)
+            self.results.log_epoch(record, pos["history"], pos["best"], t.task)
         self.save()
 
     # ---- evaluation -----------------------------------------------------------------------
@@ -349,10 +211,9 @@ class Run:
                     loss_sum += float(F.cross_entropy(logits, y.long(), reduction="sum"))
                     count += len(y)
                 else:
-                    ok = ~torch.isnan(y).any(1)
-                    loss_sum += float(F.binary_cross_entropy_with_logits(logits[ok], y[ok], reduction="sum")
-                                      / logits.shape[1]) if bool(ok.any()) else 0.0
-                    count += int(ok.sum())
+                    loss, rows = masked_bce(logits, y, "sum")
+                    loss_sum += float(loss)
+                    count += rows
                 scores.append(logits.cpu().numpy())
                 targets.append(y.cpu().numpy())
                 ids += names
@@ -360,7 +221,7 @@ class Run:
         scores_np = np.concatenate(scores) if scores else np.zeros((0, width), np.float32)
         targets_np = np.concatenate(targets) if targets else np.zeros((0,) if task.loss == "ce" else (0, width))
         if task.loss == "bce" and split == "test" and self.spec.staged.table:
-            self.write_vectors(ids, torch.sigmoid(torch.from_numpy(scores_np)).numpy(), split)
+            self.results.write_vectors(ids, torch.sigmoid(torch.from_numpy(scores_np)).numpy(), split, self.b.rank)
         parts = self.b.gather((loss_sum, count, scores_np if task.loss == "ce" else None,
                                targets_np if task.loss == "ce" else None))
         total = sum(c for _, c, _, _ in parts)
@@ -370,21 +231,7 @@ class Run:
                                       np.concatenate([y for _, _, _, y in parts]), self.spec.labels))
         return out
 
-    def write_vectors(self, ids: list[str], vectors: np.ndarray, split: str) -> None:
-        """This rank's part of the regressed topic vectors table (post_id, split, topics)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = self.spec.table_schema
-        table = pa.table({"post_id": ids, "split": [split] * len(ids),
-                          "topics": pa.array(list(vectors.astype(np.float32)), pa.list_(pa.float32(), -1))
-                          .cast(schema.field("topics").type)}, schema=schema)
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        uri = f"{self.spec.staged.table.rstrip('/')}/part-{split}-rank{self.b.rank:05d}.parquet"
-        storage.write_uri(uri, buf.getvalue(), **self.io)
-
-    # ---- outputs (rank 0) -----------------------------------------------------------------
+    # ---- checkpoints and the exported model's description ------------------------------------
     def save(self) -> None:
         """A checkpoint of the position (every rank's own running sums in it), written by rank 0."""
         sums = self.b.gather({k: self.pos[k] for k in RUNNING})
@@ -422,22 +269,6 @@ class Run:
                 "validation": {k: v for k, v in val.items() if k != "confusion"},
                 "trained_from": t.weights, "dataset": self.spec.dataset, "train": self.spec.train.model_dump()}
 
-    def export(self, epoch: int, val: dict) -> None:
-        """<export>/model.pt ({"model": state_dict, "meta": ...}; dl.models.load_model reads it)
-        and model.json (the same meta with the file's sha256 in its card, for people and the
-        scoring job: it is model.pt's weights card)."""
-        from dl.export import ModelMeta
-
-        meta = self.meta(epoch, val)
-        ModelMeta.model_validate(meta)  # what scoring will check it against
-        buf = io.BytesIO()
-        torch.save({"model": self.model.state_dict(), "meta": meta}, buf)
-        data = buf.getvalue()
-        meta["card"]["sha256"] = hashlib.sha256(data).hexdigest()
-        root = self.spec.staged.export.rstrip("/")
-        storage.write_uri(f"{root}/model.pt", data, **self.io)
-        storage.write_uri(f"{root}/model.json", json.dumps(meta, indent=1, default=str).encode(), **self.io)
-
     def say(self, line: str) -> None:
         print(line, flush=True)
 
@@ -451,69 +282,11 @@ class Run:
                  f"{pos['loss_sum'] / max(1, pos['batch'] - 0):.4f} {rate:.1f} samples/s "
                  f"(waiting for data {100 * wait / max(seconds, 1e-9):.0f}%) ETA {_duration(eta)}")
 
-    def write_json(self, name: str, obj) -> None:
-        storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/{name}",
-                          json.dumps(obj, indent=1, default=str).encode(), **self.io)
-
-    def log_epoch(self, record: dict) -> None:
-        """Metrics so far to metrics.json, TensorBoard and curve.png."""
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.write_json("metrics.json", {"history": self.pos["history"], "best": self.pos["best"]})
-        if self.writer is None:
-            self._events = self._events_dir()
-            self.writer = SummaryWriter(self._events, purge_step=record["epoch"])
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k != "epoch":
-                self.writer.add_scalar(k, v, record["epoch"])
-        self.writer.flush()
-        self.upload_events()
-        storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/curve.png", curve_png(self.pos["history"], self.t.task),
-                          **self.io)
-
-    def _events_dir(self) -> str:
-        scheme, path = storage.arrow_path(self.spec.staged.report)
-        if scheme == "file":
-            os.makedirs(f"{path}/tensorboard", exist_ok=True)
-            return f"{path}/tensorboard"
-        return tempfile.mkdtemp(prefix="tensorboard-")
-
-    def upload_events(self) -> None:
-        """Event files written to a temporary folder go to the report (object-store lakes)."""
-        if storage.arrow_path(self.spec.staged.report)[0] == "file":
-            return
-        for name in os.listdir(self._events):
-            with open(os.path.join(self._events, name), "rb") as f:
-                storage.write_uri(f"{self.spec.staged.report.rstrip('/')}/tensorboard/{name}", f.read(), **self.io)
 
 
 def _duration(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def curve_png(history: list[dict], task: str) -> bytes:
-    """Loss (train, val) and the task's figure (train, val) per epoch, as a PNG."""
-    plt = pyplot()
-
-    epochs = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    axes[0].plot(epochs, [h.get("val_loss") for h in history], "o-", label="val")
-    axes[0].set(title="loss", xlabel="epoch")
-    figure = "top1" if task == "city" else "accuracy"
-    if task != "topics":
-        axes[1].plot(epochs, [h.get("train_accuracy") for h in history], "o-", label="train")
-        axes[1].plot(epochs, [h.get(f"val_{figure}") for h in history], "o-", label="val")
-        axes[1].set(title=figure, xlabel="epoch")
-    else:
-        axes[1].plot(epochs, [h["samples_per_s"] for h in history], "o-", label="step")
-        axes[1].plot(epochs, [h["loader_samples_per_s"] for h in history], "o-", label="loader")
-        axes[1].set(title="samples/s", xlabel="epoch")
-    for ax in axes:
-        ax.legend()
-        ax.grid(alpha=0.3)
-    return png(fig, dpi=90)
 
 
 def run(spec: TrainSpec) -> dict:

@@ -101,7 +101,7 @@ def check_mode(spark: SparkSession, cfg: Config, gpu: bool) -> None:
 
 
 def _check_resume(spark: SparkSession, run_json: str, train: dict) -> None:
-    from dl.train import RESUME_KEYS
+    from dl.recipe import RESUME_KEYS
 
     if not storage.exists(spark, run_json):
         return
@@ -117,7 +117,7 @@ def spec(spark: SparkSession, cfg: Config, resume: bool) -> TrainSpec:
     """Everything a training process needs, after checking it can run."""
     from dl import data
     from dl.models import ModelError
-    from dl.train import TASKS, TrainError, build
+    from dl.recipe import TASKS, TrainError, build
     from dl.weights import card, describe
 
     t = cfg.train
@@ -193,7 +193,7 @@ def launch(spark: SparkSession, cfg: Config, s: TrainSpec) -> dict:
     diverged loss, no checkpoint that loads) is one ConfigError line, from whichever process."""
     import re
 
-    from dl.train import TrainError
+    from dl.recipe import TrainError
 
     try:
         return _launch(spark, cfg, s)

@@ -103,7 +103,7 @@ def _summary(lake, task: str) -> dict:
 
 def test_heads_have_the_task_shapes_and_presets_freeze_what_the_original_froze():
     from core.config import load_config
-    from dl.train import build
+    from dl.recipe import build
     from sparkml.training import preset
 
     for task, name, outputs, frozen in (("city", "city", 10, ["features.0", "features.3"]),
