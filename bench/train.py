@@ -63,8 +63,8 @@ def loader_alone(url: str, t, target: str, width: int | None) -> float:
     stats: dict = {}
     t0 = time.perf_counter()
     rows = 0
-    for x, _ in data.batches(url, 0, 1, 0, t.batch_size, None, seed=0, crop=t.crop, target=target, train=True,
-                             width=width, stats=stats):
+    for x, _ in data.batches(url, 0, 1, 0, t.batch_size, None, data.Examples(target, t.crop, True, 0, width),
+                             stats=stats):
         rows += len(x)
     return rows / (time.perf_counter() - t0)
 

@@ -2,7 +2,7 @@
 on (seed, epoch): a resumed run sees the same batches as an uninterrupted one.
 
     p = plan(url, world=2, batch=32)                 # every rank runs p.steps steps per epoch
-    for x, y in batches(url, rank, 2, epoch, 32, p.steps, seed=0, crop=224):
+    for x, y in batches(url, rank, 2, epoch, 32, p.steps, Examples(crop=224, seed=0)):
         ...                                          # x float32 (32, 3, 224, 224) channels_last
 
 Rank r reads the row groups whose index is r mod world (petastorm's sharding); the seed and
@@ -126,16 +126,30 @@ def _target(value, width: int | None) -> np.ndarray:
     return np.asarray(value)
 
 
-def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int | None, seed: int = 0,
-            crop: int = 224, target: str = "label", train: bool = True, skip: int = 0, prefetch: int = 4,
-            endpoint: str | None = None, region: str | None = None, ids: bool = False, width: int | None = None,
-            stats: dict | None = None, norm: tuple = (IMAGENET_MEAN, IMAGENET_STD)) -> Iterator[tuple]:
+@dataclass(frozen=True)
+class Examples:
+    """How a dataset row becomes an example: its target column (a soft target that is missing
+    becomes `width` NaNs); a `crop` square, random and mirrored half of the time from (seed,
+    epoch, post_id) when `train`, else the centre; normalised by `norm`, the (mean, std) of the
+    weights' card (dl.weights)."""
+
+    target: str = "label"
+    crop: int = 224
+    train: bool = True
+    seed: int = 0
+    width: int | None = None
+    norm: tuple = (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int | None,
+            examples: Examples = Examples(), skip: int = 0, prefetch: int = 4, ids: bool = False,
+            stats: dict | None = None, endpoint: str | None = None, region: str | None = None) -> Iterator[tuple]:
     """(images, targets) batches of this rank's shard, (images, targets, post_ids) with ids:
     exactly `steps` of them (all rows, the last batch short, when steps is None), the first
     `skip` passed over (resume mid-epoch). Decoding runs ahead in a background thread, at most
     `prefetch` batches; `stats` gets the rows it decoded and the seconds it was busy (its rate
-    when it never waits for the step). A soft target that is missing becomes `width` NaNs.
-    norm: the (mean, std) of the weights' card (dl.weights)."""
+    when it never waits for the step)."""
+    ex = examples
     out: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
@@ -148,11 +162,13 @@ def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int 
         try:
             images, targets, names, n = [], [], [], 0
             t0 = time.perf_counter()
-            for row in rows(url, rank, world, epoch, seed, ["post_id", "image", target], train, endpoint, region):
+            for row in rows(url, rank, world, epoch, ex.seed, ["post_id", "image", ex.target], ex.train, endpoint,
+                            region):
                 if stop.is_set() or (steps is not None and n == steps):
                     break
-                images.append(crop_image(row["image"], crop, _rng(seed, epoch, row["post_id"]) if train else None))
-                targets.append(_target(row[target], width))
+                images.append(crop_image(row["image"], ex.crop,
+                                         _rng(ex.seed, epoch, row["post_id"]) if ex.train else None))
+                targets.append(_target(row[ex.target], ex.width))
                 names.append(row["post_id"])
                 if len(images) == batch:
                     if n >= skip:
@@ -178,7 +194,7 @@ def batches(url: str, rank: int, world: int, epoch: int, batch: int, steps: int 
                 raise item
             images, targets, names = item
             got += 1
-            yield (normalise(images, *norm), torch.from_numpy(targets)) + ((names,) if ids else ())
+            yield (normalise(images, *ex.norm), torch.from_numpy(targets)) + ((names,) if ids else ())
     finally:
         stop.set()
         while thread.is_alive():  # unblock a producer waiting on a full queue

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -56,7 +57,9 @@ class Run:
         self.bf16 = self.t.precision == "bf16" or (self.t.precision == "auto" and self.device.type == "cuda")
         self.model, self.frozen = build(self.t, spec.outputs, **self.io)
         pre = spec.preprocessing
-        self.norm = (tuple(pre["mean"]), tuple(pre["std"]))  # the weights' input normalisation
+        # a row as a training example: the task's target, train.crop, the weights' input normalisation
+        self.examples = data.Examples(target=self.task.target, crop=self.t.crop, seed=self.t.seed, width=spec.outputs,
+                                      norm=(tuple(pre["mean"]), tuple(pre["std"])))
         # the inputs are channels_last either way
         fmt = torch.channels_last if self.t.channels_last and self.b.channels_last_params else torch.contiguous_format
         self.model.to(self.device, memory_format=fmt)
@@ -119,8 +122,7 @@ class Run:
         t_log, wait, n_log = t0, 0.0, 0
         start = pos["batch"]
         loader = data.batches(self.spec.urls["train"], self.b.rank, self.b.size, e, t.batch_size, self.batches,
-                              seed=t.seed, crop=t.crop, target=task.target, train=True, skip=start,
-                              prefetch=t.prefetch, width=self.spec.outputs, stats=stats, norm=self.norm, **self.io)
+                              self.examples, skip=start, prefetch=t.prefetch, stats=stats, **self.io)
         it = iter(loader)
         for i in range(start, self.batches):
             w0 = time.perf_counter()
@@ -199,9 +201,8 @@ class Run:
         url = self.spec.urls[split]
         # a split with fewer row groups than ranks (val and test are small) is read by as many ranks
         shards = min(self.b.size, len(data.row_group_rows(url, **self.io)))
-        loader = data.batches(url, self.b.rank, shards, 0, t.batch_size, None, seed=t.seed, crop=t.crop,
-                              target=task.target, train=False, prefetch=t.prefetch, width=self.spec.outputs,
-                              ids=True, norm=self.norm, **self.io) if self.b.rank < shards else iter(())
+        loader = data.batches(url, self.b.rank, shards, 0, t.batch_size, None, replace(self.examples, train=False),
+                              prefetch=t.prefetch, ids=True, **self.io) if self.b.rank < shards else iter(())
         with torch.inference_mode():
             for x, y, names in loader:
                 with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):

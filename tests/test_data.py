@@ -34,7 +34,7 @@ def test_plan_gives_every_rank_the_same_steps_and_refuses_too_few_row_groups(cit
 
 
 def test_shards_are_disjoint_and_the_order_depends_only_on_seed_and_epoch(cities):
-    from dl.data import batches, plan, rows
+    from dl.data import Examples, batches, plan, rows
 
     url, labels = cities
     shard = [[r["post_id"] for r in rows(url, rank, 2, 0, 0, ["post_id"], True)] for rank in (0, 1)]
@@ -45,19 +45,19 @@ def test_shards_are_disjoint_and_the_order_depends_only_on_seed_and_epoch(cities
 
     p = plan(url, 2, 8)
     for rank in (0, 1):
-        first = list(batches(url, rank, 2, 0, 8, p.steps, seed=0))
+        first = list(batches(url, rank, 2, 0, 8, p.steps, Examples(seed=0)))
         assert len(first) == p.steps
         for x, y in first:
             assert x.shape == (8, 3, 224, 224) and x.dtype == torch.float32
             assert x.is_contiguous(memory_format=torch.channels_last) and y.shape == (8,)
         want = [labels[pid] for pid in shard[rank][:8 * p.steps]]
         assert torch.cat([y for _, y in first]).tolist() == want
-        again = list(batches(url, rank, 2, 0, 8, p.steps, seed=0))
+        again = list(batches(url, rank, 2, 0, 8, p.steps, Examples(seed=0)))
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again))
-        resumed = list(batches(url, rank, 2, 0, 8, p.steps, seed=0, skip=2))  # a resume at step 2
+        resumed = list(batches(url, rank, 2, 0, 8, p.steps, Examples(seed=0), skip=2))  # a resume at step 2
         assert len(resumed) == p.steps - 2
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first[2:], resumed))
-    other = list(batches(url, 0, 2, 1, 8, p.steps, seed=0))
+    other = list(batches(url, 0, 2, 1, 8, p.steps, Examples(seed=0)))
     assert not torch.equal(other[0][0], list(batches(url, 0, 2, 0, 8, p.steps))[0][0])  # epoch 1 differs
 
 

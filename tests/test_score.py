@@ -54,8 +54,8 @@ def test_scores_are_the_training_jobs_evaluation_of_the_same_images(spark, train
     model = load_model("alexnet", f"{lake.model('city')}/model.pt", num_classes=meta["outputs"])
     want, ids, labels = [], [], []
     with torch.inference_mode():
-        for x, y, names in data.batches(test_url, 0, 1, 0, 16, None, crop=meta["preprocessing"]["crop"], train=False,
-                                        ids=True):
+        for x, y, names in data.batches(test_url, 0, 1, 0, 16, None,
+                                        data.Examples(crop=meta["preprocessing"]["crop"], train=False), ids=True):
             want.append(torch.softmax(model(x), 1).numpy())
             ids += names
             labels += y.tolist()
