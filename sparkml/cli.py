@@ -1,4 +1,7 @@
-"""The shared command line of every job: --config, --set, --help; exit 2 on bad input.
+"""The shared command line and run of every job: --config, --set, --help (exit 2 with one line
+on a bad option or config); then the session, the stage's body, and its summary (written by
+sparkml.lake.close_output, or _FAILED.json when the counts do not balance: exit 1); a missing or
+stale input or a refused setting is one line and exit 2; the outputs' locks are released at the end.
 
 A job file is a few lines:
 

@@ -1,8 +1,8 @@
-"""Petastorm training datasets: the Unischema (declared once, here, beside the writer; the
-torch loaders import it) and the builder.
+"""build_dataset: the Petastorm training datasets and their Unischemas (declared once, here,
+beside the writer; the torch loader, dl.data, reads them back from each dataset's metadata).
 
     <lake>/datasets/<name>/{train,val,test}   Petastorm datasets (Parquet + Unischema metadata)
-    <lake>/datasets/<name>/labels.json         label index -> city name
+    <lake>/datasets/<name>/labels.json         label index -> name (a city; bad / good for likability)
     <lake>/datasets/<name>/_SUMMARY.json
 
 The prepared JPEG bytes go into the image column as they are: Petastorm's

@@ -1,7 +1,8 @@
-"""Image preparation per record: safe decode, resize, re-encode, hashes.
+"""Image preparation per record: format sniffing, safe decode (EXIF orientation, header checks
+before any pixel is decoded), resize to the square the datasets store, JPEG re-encode.
 
-Plain functions on plain values (usable without Spark); `prepare_batch` is the thin
-adapter that runs them over an Arrow batch on executors.
+Plain functions on plain values (no Spark); sparkml.prepare.prepare_batch is the adapter that
+runs them over an Arrow batch on executors, and sparkml.phash hashes the result.
 
 Fast path: JPEG is decoded by libjpeg-turbo (simplejpeg), in the DCT domain at the largest
 power-of-two reduction (1/8, 1/4, 1/2) that still leaves `oversample` x the target on each

@@ -25,8 +25,8 @@ from sparkml.schemas import SPLITS, TABLES
 
 PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
 
-# The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset; per city in
-# SPEC.md's city order; the likability AlexNet's test accuracy).
+# The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset, and per city;
+# the likability AlexNet's test accuracy).
 PUBLISHED = {
     "city": {"top1": 0.263, "per_class": dict(zip(
         ["london", "newyork", "sydney", "losangeles", "chicago", "melbourne", "miami", "toronto", "singapore",
