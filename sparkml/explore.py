@@ -149,37 +149,34 @@ def cluster_labels(categories: dict[int, list[str]], top: int = 3) -> dict[int, 
 # ---------------------------------------------------------------- the stage
 
 
-def explore(spark, cfg):
-    """explore.images -> clusters, silhouettes, the t-SNE map and contact sheets."""
-    from pyspark import StorageLevel
-    from pyspark.ml.clustering import KMeans
-    from pyspark.ml.evaluation import ClusteringEvaluator
-    from pyspark.ml.functions import array_to_vector, vector_to_array
-    from pyspark.sql import functions as F
-    from pyspark.sql.window import Window
-
-    from core import storage
+def _labels(cfg) -> list[str] | None:
+    """The network's class names when the weights' card has them (the clusters get labels); the
+    model and weights are checked here, before anything is read."""
     from core.config import ConfigError
     from dl.models import ModelError
     from dl.weights import card
-    from sparkml import progress
     from sparkml.features import extractor
-    from sparkml.lake import Lake, Summary, begin_output, close_output, read_complete, write_rejected, write_table
-    from sparkml.retrieval import contact_sheet, jpegs
 
     e = cfg.explore
-    lake = Lake(cfg.lake)
-    labels = None  # the head's class names, when the weights' card has them: the clusters get labels
-    if e.features == "model":
-        try:
-            extractor(e.model, e.weights, (e.layer,), e.seed, cfg.s3.endpoint, cfg.s3.region)
-            labels = card(e.model, e.weights, cfg.s3.endpoint, cfg.s3.region).labels
-        except ModelError as err:
-            raise ConfigError(f"explore: {err}") from None
-    uri = storage.qualify(e.images) if e.images else lake.table("images")
-    images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
-                                       "jobs/prepare_images.py for the archive first").select("post_id", "image")
-    out, report, model_uri = lake.table("clusters"), lake.report("explore"), lake.model("kmeans")
+    if e.features != "model":
+        return None
+    try:
+        extractor(e.model, e.weights, (e.layer,), e.seed, cfg.s3.endpoint, cfg.s3.region)
+        return card(e.model, e.weights, cfg.s3.endpoint, cfg.s3.region).labels
+    except ModelError as err:
+        raise ConfigError(f"explore: {err}") from None
+
+
+def _vectors(spark, cfg, images, labels):
+    """Every image through explore_batch (persisted on disk): (the result with rejects, the usable
+    vectors as ML features, persisted)."""
+    from pyspark import StorageLevel
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
+
+    from sparkml import progress
+
+    e = cfg.explore
     opts = {"features": e.features, "pixels": e.pixels, "model": e.model, "weights": e.weights, "layer": e.layer,
             "seed": e.seed, "precision": e.precision, "labels": labels}
     endpoint, region = cfg.s3.endpoint, cfg.s3.region
@@ -187,10 +184,19 @@ def explore(spark, cfg):
     acc = progress.counter(spark, images.count())
     result = images.mapInArrow(lambda bs: progress.counted(bs, lambda b: explore_batch(b, opts, endpoint, region), acc),
                                PASS).persist(StorageLevel.DISK_ONLY)
-    n_input = images.count()
     data = result.where(F.col("reason").isNull()).select("post_id", "category", array_to_vector("vector")
                                                          .alias("features")).persist(StorageLevel.MEMORY_AND_DISK)
-    n = data.count()
+    return result, data
+
+
+def _ks(e, data, n: int) -> tuple[list[int], dict[int, str]]:
+    """The k to fit (explore.k_range and explore.k) and those skipped with why; an explore.k that
+    the images cannot hold is a ConfigError."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
+    from core.config import ConfigError
+
     # K-Means cannot place k centres on fewer distinct points (copies of one image are one point)
     distinct = data.select(F.xxhash64(vector_to_array("features")).alias("h")).distinct().count()
     if e.k >= distinct:
@@ -199,13 +205,14 @@ def explore(spark, cfg):
     skipped = {k: f"needs more than {k} distinct images, there are {distinct}" for k in e.k_range if k >= distinct}
     if skipped:
         print(f"explore: silhouettes of k {sorted(skipped)} skipped: {distinct} distinct images", flush=True)
-    ks = sorted({k for k in e.k_range if k not in skipped} | {e.k})
-    # the run can go ahead: only now are the previous outputs replaced
-    begin_output(spark, out)
-    for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
-        storage.delete(spark, o)
-    rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
-                              .select("post_id", "reason", "detail"))
+    return sorted({k for k in e.k_range if k not in skipped} | {e.k}), skipped
+
+
+def _kmeans(e, data, ks: list[int]):
+    """(silhouette per k, the model fitted with explore.k)."""
+    from pyspark.ml.clustering import KMeans
+    from pyspark.ml.evaluation import ClusteringEvaluator
+
     evaluator = ClusteringEvaluator(featuresCol="features", predictionCol="cluster", metricName="silhouette",
                                     distanceMeasure="squaredEuclidean")
     silhouettes, fitted = {}, None
@@ -214,7 +221,14 @@ def explore(spark, cfg):
         silhouettes[k] = float(evaluator.evaluate(km.transform(data)))
         if k == e.k:
             fitted = km
-    fitted.write().overwrite().save(model_uri)
+    return silhouettes, fitted
+
+
+def _assign(spark, fitted, data):
+    """Each image's cluster and distance to its centre (persisted), and the centres' broadcast."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
     centres = [np.asarray(c) for c in fitted.clusterCenters()]
     bc = spark.sparkContext.broadcast(np.stack(centres))
 
@@ -224,19 +238,34 @@ def explore(spark, cfg):
 
     assigned = fitted.transform(data).withColumn("distance", distance("features", "cluster")).persist(
         StorageLevel.MEMORY_AND_DISK)
-    # the map's sample: a hash of post_id (the same images on every rerun)
+    return assigned, bc
+
+
+def _map(spark, e, assigned):
+    """The t-SNE map's sample (a hash of post_id: the same images on every rerun), its 2-D
+    coordinates, and those coordinates as a frame to join."""
+    from pyspark.ml.functions import vector_to_array
+    from pyspark.sql import functions as F
+
     sample = assigned.orderBy(F.xxhash64("post_id", F.lit(e.seed)), "post_id").limit(e.tsne_sample) \
         .select("post_id", "cluster", vector_to_array("features").alias("v")).toPandas()
     xy = tsne(np.stack(sample.v.to_numpy()).astype(np.float32), e.seed, e.perplexity) if len(sample) > 3 else \
         np.zeros((len(sample), 2))
     coords = spark.createDataFrame([(p, float(a), float(b)) for p, (a, b) in zip(sample.post_id, xy)],
                                    "post_id string, x double, y double")
-    write_table(assigned.join(coords, "post_id", "left").select("post_id", "cluster", "distance", "x", "y",
-                                                                "category"), lake, "clusters")
-    clusters = spark.read.parquet(out)
-    sizes = {int(r["cluster"]): int(r["count"]) for r in clusters.groupBy("cluster").count().collect()}
+    return sample, xy, coords
 
-    # pictures: thumbnails of the map's images and of each cluster's closest ones
+
+def _pictures(spark, e, report: str, images, clusters, sizes: dict, sample, xy, n: int, what: str,
+              silhouettes: dict) -> dict[int, str]:
+    """Each cluster's contact sheet (closest to the centre first), the t-SNE map with thumbnails
+    and the silhouette plot, written to the report; returns cluster -> its sheet's name."""
+    from pyspark.sql import functions as F
+    from pyspark.sql.window import Window
+
+    from core import storage
+    from sparkml.retrieval import contact_sheet, jpegs
+
     near = clusters.withColumn("r", F.row_number().over(Window.partitionBy("cluster").orderBy("distance", "post_id"))) \
         .where(F.col("r") <= e.sheet).select("post_id", "cluster", "distance", "r").collect()
     drawn = set(sample.post_id[: e.map_thumbnails])
@@ -249,21 +278,61 @@ def explore(spark, cfg):
             f"cluster {c}: {sizes[c]} images, closest to the centre first",
             [(r["post_id"], r["distance"], jpeg.get(r["post_id"])) for r in rows]))
         sheets[c] = name
-    what = f"raw pixels {e.pixels}x{e.pixels}" if e.features == "pixels" else f"{e.model} {e.layer} ({e.weights})"
     storage.write_bytes(spark, f"{report}/tsne.png", tsne_png(
         xy, sample.cluster.to_numpy(), [jpeg.get(p) if p in drawn else None for p in sample.post_id], e.k,
         f"t-SNE of {len(sample)} of {n} images ({what}), K-Means k = {e.k}"))
     storage.write_bytes(spark, f"{report}/silhouette.png", silhouette_png(silhouettes, e.k))
+    return sheets
+
+
+def _named(e, clusters, sizes: dict, labels: list[str] | None) -> tuple[dict | None, str | None]:
+    """(cluster -> its top predicted classes, None) when the network names its classes, else
+    (None, why there are no labels)."""
     if labels:
         cats = {c: [] for c in sizes}
         for r in clusters.select("cluster", "category").collect():
             cats[int(r["cluster"])].append(r["category"])
-        labels, note = {str(c): v for c, v in cluster_labels(cats).items()}, None
-    else:
-        labels = None
-        note = ("no cluster labels: they are the classes the network predicts, which needs explore.features=model "
-                "with weights whose card names the head's classes (imagenet, or a staged ImageNet file)" + (
-                    "; with random weights they would be meaningless" if e.features == "model" else ""))
+        return {str(c): v for c, v in cluster_labels(cats).items()}, None
+    return None, ("no cluster labels: they are the classes the network predicts, which needs explore.features=model "
+                  "with weights whose card names the head's classes (imagenet, or a staged ImageNet file)" + (
+                      "; with random weights they would be meaningless" if e.features == "model" else ""))
+
+
+def explore(spark, cfg):
+    """explore.images -> clusters, silhouettes, the t-SNE map and contact sheets."""
+    from pyspark.sql import functions as F
+
+    from core import storage
+    from sparkml.lake import Lake, Summary, begin_output, close_output, read_complete, write_rejected, write_table
+
+    e = cfg.explore
+    lake = Lake(cfg.lake)
+    labels = _labels(cfg)
+    uri = storage.qualify(e.images) if e.images else lake.table("images")
+    images = read_complete(spark, uri, "run jobs/ingest.py (source.layout=instagram or folder) and "
+                                       "jobs/prepare_images.py for the archive first").select("post_id", "image")
+    out, report, model_uri = lake.table("clusters"), lake.report("explore"), lake.model("kmeans")
+    result, data = _vectors(spark, cfg, images, labels)
+    n_input = images.count()
+    n = data.count()
+    ks, skipped = _ks(e, data, n)
+    # the run can go ahead: only now are the previous outputs replaced
+    begin_output(spark, out)
+    for o in (report, model_uri):  # a rerun with another k must not leave the old contact sheets
+        storage.delete(spark, o)
+    rejected = write_rejected(spark, lake, "explore", result.where(F.col("reason").isNotNull())
+                              .select("post_id", "reason", "detail"))
+    silhouettes, fitted = _kmeans(e, data, ks)
+    fitted.write().overwrite().save(model_uri)
+    assigned, bc = _assign(spark, fitted, data)
+    sample, xy, coords = _map(spark, e, assigned)
+    write_table(assigned.join(coords, "post_id", "left").select("post_id", "cluster", "distance", "x", "y",
+                                                                "category"), lake, "clusters")
+    clusters = spark.read.parquet(out)
+    sizes = {int(r["cluster"]): int(r["count"]) for r in clusters.groupBy("cluster").count().collect()}
+    what = f"raw pixels {e.pixels}x{e.pixels}" if e.features == "pixels" else f"{e.model} {e.layer} ({e.weights})"
+    sheets = _pictures(spark, e, report, images, clusters, sizes, sample, xy, n, what, silhouettes)
+    labels, note = _named(e, clusters, sizes, labels)
     best = max(silhouettes, key=silhouettes.get)
     body = {"images": uri, "features": what, "rows": n, "k": e.k, "silhouettes": {str(k): v for k, v in
                                                                                     silhouettes.items()},

@@ -229,10 +229,9 @@ def ingest_manifest(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFr
     return manifest_rows(spark, raw, base, cfg)
 
 
-def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
-                  cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
-    """(todo, rejects, input_keys, extra) of manifest-shaped rows (MANIFEST_COLUMNS as text,
-    _corrupt, a unique _row), image references resolved against base_dir."""
+def _checked(raw: DataFrame) -> tuple[DataFrame, DataFrame]:
+    """(the rows a manifest can use, typed, with flags for values that did not parse; the rows
+    it cannot: unparsable, no post_id, no image, a URI scheme nobody reads, with _problem)."""
     blank = lambda c: F.col(c).isNull() | (F.trim(F.col(c)) == "")  # noqa: E731
     problem = (F.when(F.col("_corrupt").isNotNull(), F.concat(F.lit("unparsable row: "), F.substring("_corrupt", 1, 200)))
                .when(blank("post_id"), F.lit("missing post_id"))
@@ -253,6 +252,13 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
         (F.col("followers").isNotNull() & _as_long("followers").isNull()).alias("_bad_followers"),
         (F.col("posted_at").isNotNull() & _as_timestamp("posted_at").isNull()).alias("_bad_posted_at"),
     )
+    return rows, bad
+
+
+def _stat_files(rows: DataFrame, base_dir: str, cfg: Config) -> DataFrame:
+    """The rows whose image is a file (not an http URL), resolved against base_dir and stat'ed
+    on the executors: image_uri, image_size, and _reason / _detail for a missing, empty or
+    unusable one."""
     threads, endpoint, region = cfg.ingest.read_threads, cfg.s3.endpoint, cfg.s3.region
     is_url = F.lower(F.col("image")).rlike("^https?://")
     sized_schema = T.StructType([f for f in rows.schema.fields if f.name != "image"] + [
@@ -269,7 +275,7 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
                                                      pa.array([f[1] for f in found], pa.string())],
                                              names=sized_schema.fieldNames())
 
-    local = rows.where(~is_url).mapInArrow(stat, sized_schema).select(
+    return rows.where(~is_url).mapInArrow(stat, sized_schema).select(
         *[c for c in rows.columns if c != "image"], "image_uri", "image_size", F.lit(None).cast("string").alias("read_uri"),
         F.when(F.col("_error").isNotNull(), F.lit(Reason.BAD_MANIFEST_ROW.value))
          .when(F.col("image_size").isNull(), F.lit(Reason.IMAGE_MISSING.value))
@@ -277,9 +283,16 @@ def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
         F.when(F.col("_error").isNotNull(), F.concat(F.lit("unusable image path: "), F.col("_error")))
          .when(F.col("image_size").isNull(), F.concat(F.lit("no file at "), F.col("image_uri")))
          .when(F.col("image_size") == 0, F.col("image_uri")).alias("_detail"))
-    resolved, extra = local, {}
+
+
+def manifest_rows(spark: SparkSession, raw: DataFrame, base_dir: str,
+                  cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame, dict]:
+    """(todo, rejects, input_keys, extra) of manifest-shaped rows (MANIFEST_COLUMNS as text,
+    _corrupt, a unique _row), image references resolved against base_dir."""
+    rows, bad = _checked(raw)
+    resolved, extra = _stat_files(rows, base_dir, cfg), {}
     if raw.where(F.lower(F.trim("image")).rlike("^https?://")).limit(1).count():
-        fetched, extra["http"] = fetch_urls(spark, rows.where(is_url), cfg)
+        fetched, extra["http"] = fetch_urls(spark, rows.where(F.lower(F.col("image")).rlike("^https?://")), cfg)
         # user:password@ in a URL is never sent (sparkml.fetch) and never stored
         redacted = F.regexp_replace("image", r"^([A-Za-z]+://)[^/?#@]*@", "$1")
         resolved = resolved.unionByName(fetched.select(*[c for c in rows.columns if c != "image"],

@@ -333,30 +333,88 @@ def _check(counts: dict, layer: str) -> None:
                             "(dataset.train + dataset.val < 1)")
 
 
-def train_svm(spark, cfg):
-    """features -> the AP table (reports/likability_svm) and the Spark models (models/likability_svm)."""
-    from pyspark import StorageLevel
+def _usable(rows, first_layer: str):
+    """(the labelled rows with finite features, the rejects: an image with a NaN or infinite value
+    in any of its rows, whole, since Spark ML would fail on it; an image without a label)."""
     from pyspark.sql import functions as F
 
-    from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, close_output, union_all, write_rejected
+    from sparkml.lake import union_all
     from sparkml.schemas import Reason
 
-    s = cfg.svm
-    lake = Lake(cfg.lake)
-    report, models = lake.report(MODEL), lake.model(MODEL)
-    rows = _features(spark, cfg)
-    # an image with a NaN or infinite value in any of its rows is rejected whole (Spark ML would fail on it)
     non_finite = rows.where(F.exists("vector", lambda x: F.isnan(x) | (F.abs(x) == float("inf")))) \
         .select("post_id").distinct()
     labelled = rows.join(non_finite, "post_id", "left_anti")
-    unlabelled = labelled.where(F.col("label").isNull() & ~F.col("mirrored") & (F.col("layer") == s.layers[0]))
+    unlabelled = labelled.where(F.col("label").isNull() & ~F.col("mirrored") & (F.col("layer") == first_layer))
     rejects = union_all([
         non_finite.select("post_id", F.lit(Reason.NON_FINITE_FEATURES.value).alias("reason"),
                           F.lit("its features hold NaN or infinite values").alias("detail")),
         unlabelled.select("post_id", F.lit(Reason.NO_LABEL.value).alias("reason"),
                           F.lit("the features row has no label: it cannot train or test a classifier").alias("detail"))])
-    feats = labelled.where(F.col("label").isNotNull())
+    return labelled.where(F.col("label").isNotNull()), rejects
+
+
+def _fit_layer(spark, s, feats, counts: dict, layer: str, variants: tuple, dim: int, models: str):
+    """Every classifier on one layer's features, each variant (normal; flipped+normal): the Spark
+    LinearSVC (saved under models/), MLlib's SGD (normal only) and, up to svm.driver_max_rows
+    training rows, scikit-learn's LinearSVC and random forest. (results, skipped with why)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    is_train = F.col("split") != "test"
+    results, skipped = [], []
+    test = feats.where(~is_train & (F.col("layer") == layer) & ~F.col("mirrored")).persist(StorageLevel.MEMORY_AND_DISK)
+    local_test = None  # the test rows on the driver, collected once per layer for scikit-learn
+    for variant in variants:
+        rows = feats.where(is_train & (F.col("layer") == layer))
+        if variant == "normal":
+            rows = rows.where(~F.col("mirrored"))
+        n = sum(v for k, v in counts.items() if k[0] == layer and k[1] and (variant != "normal" or not k[3]))
+        train = rows.repartition(max(1, math.ceil(n * dim * 8 / PARTITION_BYTES))).persist(
+            StorageLevel.MEMORY_AND_DISK)
+        t0 = time.perf_counter()
+        fit = task_linear_svc if engine(s, n, dim) == "tasks" else spark_linear_svc
+        params, model = fit(spark, s, train, n, f"{models}/{model_dir(layer, variant)}")
+        labels, scores = spark_scores(model, test)
+        results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
+                               scores, n, time.perf_counter() - t0, model=model_dir(layer, variant)))
+        if variant == "normal":
+            got = mllib_sgd(spark, s, train, test)
+            results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
+                                   got["labels"], got["scores"], n, got["seconds"]))
+        if n <= s.driver_max_rows:
+            x, y, fold = _arrays(train)
+            local_test = local_test or _arrays(test)
+            xt, yt, _ = local_test
+            t0 = time.perf_counter()
+            params, svc = sklearn_linear_svc(s, x, y, fold)
+            results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
+                                   params["validation"], yt, svc.decision_function(xt), n,
+                                   time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            forest = sklearn_forest(s, x, y)
+            results.append(_scored(spark, "sklearn_random_forest", layer, variant,
+                                   {"n_estimators": s.rf_trees}, None, yt, forest.predict_proba(xt)[:, 1], n,
+                                   time.perf_counter() - t0))
+        else:
+            skipped += [{"algorithm": a, "layer": layer, "variant": variant,
+                         "why": f"{n} training rows > svm.driver_max_rows={s.driver_max_rows}"}
+                        for a in ("sklearn_linearsvc", "sklearn_random_forest")]
+        train.unpersist()
+    test.unpersist()
+    return results, skipped
+
+
+def train_svm(spark, cfg):
+    """features -> the AP table (reports/likability_svm) and the Spark models (models/likability_svm)."""
+    from pyspark.sql import functions as F
+
+    from core import storage
+    from sparkml.lake import Lake, Summary, begin_output, close_output, write_rejected
+
+    s = cfg.svm
+    lake = Lake(cfg.lake)
+    report, models = lake.report(MODEL), lake.model(MODEL)
+    feats, rejects = _usable(_features(spark, cfg), s.layers[0])
     is_train = F.col("split") != "test"
     counts = {(r["layer"], r["train"], r["label"], r["mirrored"]): int(r["count"]) for r in
               feats.groupBy("layer", is_train.alias("train"), "label", "mirrored").count().collect()}
@@ -371,45 +429,9 @@ def train_svm(spark, cfg):
     dim = len(feats.select("vector").first()["vector"])
     results, skipped = [], []
     for layer in s.layers:
-        test = feats.where(~is_train & (F.col("layer") == layer) & ~F.col("mirrored")).persist(StorageLevel.MEMORY_AND_DISK)
-        local_test = None  # the test rows on the driver, collected once per layer for scikit-learn
-        for variant in variants:
-            rows = feats.where(is_train & (F.col("layer") == layer))
-            if variant == "normal":
-                rows = rows.where(~F.col("mirrored"))
-            n = sum(v for k, v in counts.items() if k[0] == layer and k[1] and (variant != "normal" or not k[3]))
-            train = rows.repartition(max(1, math.ceil(n * dim * 8 / PARTITION_BYTES))).persist(
-                StorageLevel.MEMORY_AND_DISK)
-            t0 = time.perf_counter()
-            fit = task_linear_svc if engine(s, n, dim) == "tasks" else spark_linear_svc
-            params, model = fit(spark, s, train, n, f"{models}/{model_dir(layer, variant)}")
-            labels, scores = spark_scores(model, test)
-            results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
-                                   scores, n, time.perf_counter() - t0, model=model_dir(layer, variant)))
-            if variant == "normal":
-                got = mllib_sgd(spark, s, train, test)
-                results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
-                                       got["labels"], got["scores"], n, got["seconds"]))
-            if n <= s.driver_max_rows:
-                x, y, fold = _arrays(train)
-                local_test = local_test or _arrays(test)
-                xt, yt, _ = local_test
-                t0 = time.perf_counter()
-                params, svc = sklearn_linear_svc(s, x, y, fold)
-                results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
-                                       params["validation"], yt, svc.decision_function(xt), n,
-                                       time.perf_counter() - t0))
-                t0 = time.perf_counter()
-                forest = sklearn_forest(s, x, y)
-                results.append(_scored(spark, "sklearn_random_forest", layer, variant,
-                                       {"n_estimators": s.rf_trees}, None, yt, forest.predict_proba(xt)[:, 1], n,
-                                       time.perf_counter() - t0))
-            else:
-                skipped += [{"algorithm": a, "layer": layer, "variant": variant,
-                             "why": f"{n} training rows > svm.driver_max_rows={s.driver_max_rows}"}
-                            for a in ("sklearn_linearsvc", "sklearn_random_forest")]
-            train.unpersist()
-        test.unpersist()
+        got, missed = _fit_layer(spark, s, feats, counts, layer, variants, dim, models)
+        results += got
+        skipped += missed
 
     spark_results = [r for r in results if r["algorithm"] == "spark_linearsvc"]
     best = max(spark_results, key=lambda r: r["validation_metric"])  # chosen on validation, never on test
