@@ -210,6 +210,22 @@ def retrieve(spark, cfg, queries: list[str], k: int | None = None):
 
 
 PUBLISHED = {"mean_precision_at_100": 90.2, "mean_average_precision": 18.96}
+# The original's example queries (Gomez et al., text-to-image retrieval figures).
+EXAMPLE_QUERIES = ("rain", "snow", "skyline night", "car yellow", "sunrise beach", "woman bag")
+
+
+def _examples(spark, cfg, lake, lda, k: int = 10) -> tuple[dict[str, list], list[str]]:
+    """The example queries' top k among the unique images ({query: [[post_id, score], ...]}),
+    and the queries with no word in this run's LDA vocabulary."""
+    known, skipped = [], []
+    for q in EXAMPLE_QUERIES:
+        try:
+            known.append((q, embed_query(q, lda)))
+        except UnknownQuery:
+            skipped.append(q)
+    ranked = rank(_embeddings(spark, cfg, lake), "vector", np.stack([v for _, v in known]), k,
+                  cfg.retrieval.metric) if known else []
+    return {q: [[p, s] for p, s in hits] for (q, _), hits in zip(known, ranked)}, skipped
 
 
 def evaluate(spark, cfg):
@@ -259,8 +275,10 @@ def evaluate(spark, cfg):
                           "max_precision_at_100": 100 * min(int(rel.sum()), 100) / 100}
     mean = {"mean_precision_at_100": float(np.mean([v["precision_at_100"] for v in per_city.values()])) if per_city else None,
             "mean_average_precision": float(np.mean([v["average_precision"] for v in per_city.values()])) if per_city else None}
+    examples, unknown = _examples(spark, cfg, lake, lda)
     report = {"test_images": len(ids), "metric": metric, "embeddings": cfg.retrieval.embeddings, "per_city": per_city,
-              "mean": mean, "published": PUBLISHED, "cities_not_in_vocabulary": sorted(set(cities) - set(known))}
+              "mean": mean, "published": PUBLISHED, "cities_not_in_vocabulary": sorted(set(cities) - set(known)),
+              "examples": examples, "examples_not_in_vocabulary": unknown}
     lines = ["| city | P@100 (%) | AP (%) | relevant / test images | chance (%) | best possible P@100 (%) |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {c} | {v['precision_at_100']:.1f} | {v['average_precision']:.2f} | {v['relevant']} / {len(ids)} | "

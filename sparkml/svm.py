@@ -441,7 +441,8 @@ def train_svm(spark, cfg):
         {"layer": k[0], "algorithm": k[1], "variant": k[2], "test_ap": v} for k, v in PUBLISHED.items()],
         "test_positive_rate": positive_rate, "search": s.search, "folds": s.folds, "c_grid": list(s.c_grid),
         "best": {k: best[k] for k in ("layer", "variant", "model", "params", "validation_metric", "test_ap")},
-        "features": _provenance(spark, lake, feats), "variants": list(variants), "rf_trees": s.rf_trees}
+        "features": _provenance(spark, lake, feats), "variants": list(variants), "rf_trees": s.rf_trees,
+        "best_test_ranking": _test_ranking(feats, models, best)}
     md = markdown(body)
     storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1, default=float).encode())
     storage.write_bytes(spark, f"{report}/metrics.md", md.encode())
@@ -455,6 +456,21 @@ def train_svm(spark, cfg):
     close_output(spark, {"stage": "train_svm", "output": report, "models": models, "best": body["best"]})
     return Summary(stage="train_svm", input_rows=images + sum(rejected.values()), output_rows=images,
                    rejected=rejected, output=models, extra=extra)
+
+
+def _test_ranking(feats, models: str, best: dict) -> list[list]:
+    """The best model's test images (its layer, not mirrored) ranked by its margin, highest first
+    (ties by post_id): [post_id, label, margin], what the report's top and bottom sheets show."""
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
+
+    test = feats.where((F.col("layer") == best["layer"]) & ~F.col("mirrored") & (F.col("split") == "test"))
+    model = PipelineModel.load(f"{models}/{best['model']}")
+    scored = model.transform(test.withColumn("features", array_to_vector("vector"))) \
+        .select("post_id", "label", vector_to_array("rawPrediction")[1].alias("s")) \
+        .orderBy(F.col("s").desc(), "post_id").collect()
+    return [[r["post_id"], r["label"], r["s"]] for r in scored]
 
 
 def _provenance(spark, lake, feats) -> dict:
