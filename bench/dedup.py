@@ -28,6 +28,7 @@ import io
 import json
 import time
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from _common import CACHE, ROOT, header, run_job

@@ -27,7 +27,7 @@ from _common import ROOT, header, single_core
 
 import torch  # noqa: E402
 
-from dl.models import FeatureExtractor, load_model  # noqa: E402
+from dl.models import load_model  # noqa: E402
 from sparkml.features import decode, extract, extractor  # noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"

@@ -69,7 +69,7 @@ def label_posts(spark: SparkSession, posts: DataFrame, f: Followers) -> tuple[Da
     valid = checked.where(F.col("reason").isNull()).drop("reason")
 
     per_user = valid.groupBy("user_id").agg(
-        F.expr(f"percentile(followers, 0.5)" if f.exact else f"percentile_approx(followers, 0.5, {f.accuracy})")
+        F.expr("percentile(followers, 0.5)" if f.exact else f"percentile_approx(followers, 0.5, {f.accuracy})")
         .cast("double").alias("user_followers"))
     value = F.log("user_followers") if f.log_scale else F.col("user_followers")
     users = per_user.withColumn("x", value).persist()

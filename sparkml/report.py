@@ -20,7 +20,7 @@ from markupsafe import Markup
 from core import storage
 from core.figures import png, pyplot
 from sparkml.lake import SUMMARY_FILE, Lake
-from sparkml.report_templates import render
+from sparkml.report_templates import fmt, render
 
 FILES = "report_files"
 NEW, OLD = ".new", ".old"  # the report being written beside the old one, and the old one while it is swapped

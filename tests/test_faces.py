@@ -4,7 +4,6 @@ detect_faces -> likability dataset path on the generated sample."""
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 from skimage import data
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from sparkml.lake import Lake, Summary, read_summary, write_summary
 from tests.conftest import ROOT, make_export, rejects_by_reason, run_job
-from tests.test_train import CROP, SIDE, _sets, _write_dataset
+from tests.test_train import SIDE, _sets, _write_dataset
 
 CITIES = ["c0", "c1", "c2", "c3"]
 

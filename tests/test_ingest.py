@@ -8,7 +8,7 @@ import pytest
 
 from sparkml.lake import Lake, read_summary
 from sparkml.sample import IMG_DIR, MANIFEST
-from sparkml.schemas import POSTS, CaptionStatus
+from sparkml.schemas import POSTS
 from sparkml.sources import caption_status, decode_caption
 from tests.conftest import ingest, planted, run_job
 

@@ -8,7 +8,6 @@ near chance (the figures of both: bench/pretrained.py, docs/results.md)."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
