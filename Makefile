@@ -68,7 +68,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) $(PETASTORM_WHEEL)
 setup: $(STAMP)
 
 $(JARS): | $(STAMP)
-	$(BIN)/python -m sparkml.jars $(JARS_DIR)
+	$(BIN)/python -m core.jars $(JARS_DIR)
 
 jars: $(JARS)
 

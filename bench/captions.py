@@ -1,6 +1,6 @@
 """Caption benchmarks (issue 5).
 
-1. Preprocessing, captions/s per core: `sparkml.text.preprocess` (compiled regexes, memoised
+1. Preprocessing, captions/s per core: `sparkml.captions.text.preprocess` (compiled regexes, memoised
    stemmer) against the original's way, a plain Python loop of the same rules one character
    and one stem call at a time (`reference_preprocess`), same captions, same run; outputs
    must be identical. Then the Spark path (tokenize over Arrow batches) with local[1] and
@@ -32,7 +32,8 @@ import pyarrow.parquet as pq  # noqa: E402
 
 
 def captions(n: int, seed: int = 0) -> list[str]:
-    from sparkml.sample import CITIES, TOPICS, caption_for
+    from core.schemas import CITIES
+    from sparkml.sample.make_sample import TOPICS, caption_for
 
     rng = np.random.default_rng(seed)
     syll = ["ka", "lo", "mi", "ta", "ren", "su", "vo", "zed", "pa", "qui", "ling", "dor"]
@@ -47,7 +48,7 @@ def captions(n: int, seed: int = 0) -> list[str]:
 
 
 def bench_preprocess(texts: list[str]) -> dict:
-    from sparkml import text
+    from sparkml.captions import text
 
     single_core()
     t0 = time.perf_counter()
@@ -69,8 +70,8 @@ SPARK_CHILD = """
 import sys, time
 sys.path.insert(0, {root!r})
 from core.config import load_config
-from sparkml.session import get_session
-from sparkml.topics import tokenize
+from core.session import get_session
+from sparkml.captions.topics import tokenize
 cfg = load_config({conf!r}, ["spark.master={master}", "lake=/tmp/unused"])
 spark = get_session(cfg)
 df = spark.read.parquet({path!r}).repartition({parts}).cache()
@@ -122,7 +123,7 @@ import resource, sys, time
 sys.path.insert(0, {root!r})
 from gensim.corpora import Dictionary
 from gensim.models import LdaModel
-from sparkml.topics import ParquetCorpus
+from sparkml.captions.topics import ParquetCorpus
 d = Dictionary(); d.token2id = {{str(i): i for i in range({vocab})}}
 corpus = ParquetCorpus({path!r})
 if {in_memory}:

@@ -41,8 +41,9 @@ from scipy.sparse import coo_matrix  # noqa: E402
 from scipy.sparse.csgraph import connected_components  # noqa: E402
 
 from core.config import Sample  # noqa: E402
-from sparkml.phash import WORDS_256, ZOOMS, hash_base, phash, thumb32, zoom_hashes  # noqa: E402
-from sparkml.sample import EDITS, generate, write_near_duplicates  # noqa: E402
+from sparkml.images.phash import WORDS_256, ZOOMS, hash_base, phash, thumb32, zoom_hashes  # noqa: E402
+from sparkml.sample.make_sample import generate
+from sparkml.sample.near_duplicates import EDITS, write_near_duplicates# noqa: E402
 
 POPCOUNT = np.array([bin(i).count("1") for i in range(256)], np.uint8)
 

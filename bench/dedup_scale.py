@@ -2,7 +2,7 @@
 jobs/dedup.py on 10k, 100k and 1M images in one run, executors in JVMs of their own
 (local-cluster), on this machine.
 
-The images are images, hashed by our own prepare code (sparkml.phash: hash_base and
+The images are images, hashed by our own prepare code (sparkml.images.phash: hash_base and
 zoom_hashes, what prepare_images computes), not random bit strings: 64 x 64 grey scenes (the
 smallest a hash needs: hash_base works on 64..127 px) drawn as photos are shaped, light from
 above (a vertical gradient), a few soft blobs, texture at two scales. 1% of them have a near
@@ -83,7 +83,7 @@ def images(lo: int, hi: int, seed: int):
 
 
 def hash_rows(lo: int, hi: int, seed: int) -> dict:
-    from sparkml.phash import hash_base, zoom_hashes
+    from sparkml.images.phash import hash_base, zoom_hashes
 
     ids, imgs, truth = images(lo, hi, seed)
     h64, h256 = zoom_hashes(np.stack([hash_base(im.astype(np.float32)) for im in imgs]))
@@ -125,7 +125,7 @@ def make_lake(n: int, seed: int = 7) -> tuple[Path, dict]:
 def balance(h: np.ndarray, label: str, rng: np.random.Generator) -> None:
     """How evenly spread whole-image hashes are: per-bit share of ones, distances of random pairs,
     and the fullest bucket of a random 16-bit key against the even expectation."""
-    from sparkml.dedup import BITS, keys, popcount
+    from sparkml.images.dedup import BITS, keys, popcount
 
     bits = ((h[:, None] >> np.arange(BITS)) & 1).astype(np.float64)
     share = bits.mean(0)

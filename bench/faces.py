@@ -27,8 +27,8 @@ import cv2  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data  # noqa: E402
 
-from sparkml.faces import make_detector  # noqa: E402
-from sparkml.images import prepare_image  # noqa: E402
+from sparkml.images.resize import prepare_image  # noqa: E402
+from sparkml.likability.detect_faces import make_detector  # noqa: E402
 
 
 def _rgb(a: np.ndarray) -> np.ndarray:
@@ -98,8 +98,9 @@ def sample_set(threshold: float) -> dict:
     from _common import CACHE
 
     from core.config import Sample
-    from sparkml.images import prepare_image
-    from sparkml.sample import IMG_DIR, generate
+    from core.schemas import IMG_DIR
+    from sparkml.images.resize import prepare_image
+    from sparkml.sample.make_sample import generate
 
     out = CACHE / "faces-sample"
     truth = generate(Sample(out=str(out), posts=300, me_posts=600, seed=7, workers=2))

@@ -1,5 +1,5 @@
 """Feature extraction benchmark (issue 14): images/s per core of AlexNet fc7 end to end from a
-Petastorm dataset's JPEG bytes (decode included) through sparkml.features, against the naive
+Petastorm dataset's JPEG bytes (decode included) through sparkml.extract_features, against the naive
 loop measured in the same run (one image at a time: PIL open -> torchvision's transform ->
 forward at batch 1 -> numpy), as a fraction of the compute limit: the network's multiply-adds
 per image and this machine's float32 GEMM rate, measured in the same run. Then the Spark job
@@ -28,7 +28,7 @@ from _common import ROOT, header, single_core
 import torch  # noqa: E402
 
 from dl.models import load_model  # noqa: E402
-from sparkml.features import decode, extract, extractor  # noqa: E402
+from sparkml.extract_features import decode, extract, extractor# noqa: E402
 
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
@@ -40,7 +40,7 @@ def dataset_jpegs(root: str | None, limit: int) -> list[bytes]:
         files = sorted(p for split in ("train", "val", "test") for p in (ROOT / root / split).glob("*.parquet"))
         out = [b for f in files for b in pq.read_table(f, columns=["image"]).column("image").to_pylist()]
         return out[:limit]
-    from sparkml.images import prepare_image
+    from sparkml.images.resize import prepare_image
 
     out = []
     for p in sorted(PHOTOS.glob("*.jpg"))[:limit]:
@@ -82,7 +82,7 @@ def macs_per_image(net: torch.nn.Module) -> int:
 
 
 def ours(jpegs: list[bytes], batch: int, layers: tuple[str, ...]) -> float:
-    """images/s: decode + batched preprocessing + one forward per batch (sparkml.features)."""
+    """images/s: decode + batched preprocessing + one forward per batch (sparkml.extract_features)."""
     extract([decode(jpegs[0])] * batch, "alexnet", "none", layers, False)  # build the model, warm up at this size
     t0 = time.perf_counter()
     for i in range(0, len(jpegs), batch):
@@ -127,15 +127,15 @@ def spark_job(master: str, lake: str, dataset: str) -> dict:
 
 def udf_vs_map_in_arrow(dataset: str, rounds: int = 2) -> None:
     """predict_batch_udf (StructType return: fc6 and fc7 in one pass) against the job's
-    mapInArrow adapter (sparkml.features.extract_batch), on local[2], same rows, no mirroring,
+    mapInArrow adapter (sparkml.extract_features.extract_batch), on local[2], same rows, no mirroring,
     written to the noop sink; alternated, best of `rounds`."""
     from pyspark.ml.functions import predict_batch_udf
     from pyspark.sql import SparkSession
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
-    from sparkml.features import extract_batch
-    from sparkml.schemas import TABLES, with_reject
+    from core.schemas import TABLES, with_reject
+    from sparkml.extract_features import extract_batch
 
     os.environ.update(PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
     spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")

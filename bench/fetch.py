@@ -7,7 +7,7 @@ unique so nothing is served from a cache):
   study's first way (about one latency per image);
 - urllib3 threads: urllib3's PoolManager under a thread pool of the same concurrency, the
   other client we considered (why aiohttp was chosen);
-- ours: sparkml.fetch.fetch_batches, what ingest runs in each task (aiohttp, the executor-wide
+- ours: sparkml.ingest.fetch.fetch_batches, what ingest runs in each task (aiohttp, the executor-wide
   slots, the cache writes into a temporary lake), at the default ingest.http settings;
   peak open file descriptors of the process reported.
 Each row is the median of --repeat runs, after a warm-up run. Each is measured over one host and over `--hosts` loopback addresses (127.0.0.1..N, distinct
@@ -71,7 +71,7 @@ def urllib3_threads(urls: list[str], concurrency: int, per_host: int) -> None:
 
 def ours(urls: list[str], batch_rows: int, lake: str) -> int:
     from core.config import Http
-    from sparkml import fetch
+    from sparkml.ingest import fetch
 
     opts = Http(allow_private=True)  # the defaults, but the server is on loopback
     batches = [pa.RecordBatch.from_pydict({"image": urls[i:i + batch_rows]}) for i in range(0, len(urls), batch_rows)]

@@ -35,7 +35,7 @@ import pyarrow as pa  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from core.config import Prepare  # noqa: E402
-from sparkml.prepare import prepare_batch  # noqa: E402
+from sparkml.images.prepare_images import prepare_batch  # noqa: E402
 
 QUALITY = 90
 SIZE = 300
@@ -151,8 +151,8 @@ import sys, time
 sys.path.insert(0, {root!r})
 from pyspark.sql.pandas.types import from_arrow_schema
 from core.config import load_config
-from sparkml.prepare import RESULT_ARROW, prepare_batch
-from sparkml.session import get_session
+from core.session import get_session
+from sparkml.images.prepare_images import RESULT_ARROW, prepare_batch
 spark = get_session(load_config({conf!r}, ["spark.master={master}", "lake={lake}"]))
 spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
 posts = spark.read.parquet({posts!r}).select("post_id", "image_bytes")
@@ -214,7 +214,7 @@ COLD = """
 import os, sys, time
 os.environ["NUMBA_CACHE_DIR"] = sys.argv[1] if len(sys.argv) > 1 else {cache!r}
 t0 = time.perf_counter()
-from sparkml.images import prepare_image
+from sparkml.images.resize import prepare_image
 import numpy as np, simplejpeg
 t1 = time.perf_counter()
 img = np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8)

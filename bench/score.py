@@ -1,5 +1,5 @@
 """Batch scoring benchmark (issue 16): images/s per core of the scoring job's per-batch
-function (sparkml.scoring.score_batch: decode the prepared JPEGs, centre crop, one forward pass
+function (sparkml.score.score_batch: decode the prepared JPEGs, centre crop, one forward pass
 per Arrow batch through the exported city CNN, softmax, rows out) against the naive loop
 measured in the same run (one image at a time through the same exported model: PIL open ->
 torchvision crop + normalise -> forward at batch 1 -> softmax). Then jobs/score.py itself on
@@ -33,7 +33,7 @@ PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 
 def prepared(limit: int) -> tuple[list[str], list[bytes]]:
-    from sparkml.images import prepare_image
+    from sparkml.images.resize import prepare_image
 
     files = sorted(PHOTOS.glob("*.jpg"))[:limit]
     return [p.stem for p in files], [prepare_image(p.read_bytes(), size=300, policy="squash", quality=90).image
@@ -41,7 +41,7 @@ def prepared(limit: int) -> tuple[list[str], list[bytes]]:
 
 
 def ours(ids, jpegs, exported, batch: int) -> float:
-    from sparkml.scoring import score_batch
+    from sparkml.score import score_batch
 
     found = {"city": exported}
     cfg_f = {"model": "alexnet", "weights": "none", "seed": 0, "precision": "fp32"}

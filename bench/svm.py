@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 def session():
     from core.config import load_config
-    from sparkml.session import get_session
+    from core.session import get_session
 
     cfg = load_config(ROOT / "conf" / "local.yaml", ["spark.driver.memory=12g", "progress.interval=0"])
     spark = get_session(cfg, app_name="bench-svm")
@@ -42,7 +42,7 @@ def session():
 def demo_rows(spark, cfg, lake: str):
     from pyspark.sql import functions as F
 
-    from sparkml import svm
+    from sparkml.likability import train_svm as svm
 
     cfg = cfg.model_copy(update={"lake": lake})
     feats = svm._features(spark, cfg).where(~F.col("mirrored"))
@@ -81,7 +81,7 @@ def generated_rows(spark, s, n: int, dim: int, seed: int = 0):
 def measure(spark, s, train, test, label: str, engines: list[str]) -> None:
     from pyspark import StorageLevel
 
-    from sparkml import svm
+    from sparkml.likability import train_svm as svm
 
     train = train.repartition(max(1, spark.sparkContext.defaultParallelism)).persist(StorageLevel.MEMORY_AND_DISK)
     test = test.persist(StorageLevel.MEMORY_AND_DISK)

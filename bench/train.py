@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from core.config import load_config  # noqa: E402
 from dl import data  # noqa: E402
 from dl.recipe import TASKS, build, loss_fn, optimizer  # noqa: E402
-from sparkml.training import preset  # noqa: E402
+from sparkml.cnn.train_cnn import preset  # noqa: E402
 
 
 def step_limit(t, outputs: int, target: str, seconds: float = 20.0) -> float:
@@ -98,7 +98,7 @@ def main() -> None:
             sys.exit(f"{url} is missing: run `make demo` first (or give --lake)")
         target = TASKS[task].target
         labels = json.load(open(f"{args.lake}/datasets/{t.dataset}/labels.json"))
-        from sparkml.training import _field_width
+        from sparkml.cnn.train_cnn import _field_width
 
         outputs = _field_width(url, "topics") if target == "topics" else len(labels)
         limit = step_limit(t, outputs, target)

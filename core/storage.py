@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 S3_SCHEMES = ("s3", "s3a", "s3n")
 S3_ATTEMPTS = 6  # tries per executor-side S3 request (pyarrow.fs) before it fails its task
 
-# The file a completed output carries, written last (sparkml.lake.close_output): its counts, the run
+# The file a completed output carries, written last (core.lake.close_output): its counts, the run
 # that made it and that run's inputs. Readers on either side take an output without it as unfinished.
 SUMMARY_FILE = "_SUMMARY.json"
 FAILED_FILE = "_FAILED.json"  # the counts of a run whose counts did not balance (never read as complete)

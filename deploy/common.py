@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from core.config import ConfigError, merge, read_yaml  # noqa: E402
-from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages  # noqa: E402
+from sparkml.pipeline import CLUSTER, GPU_INFER, TRAIN, Stage, stages# noqa: E402
 
 # The pinned sets a bundle can hold (docs/platforms.md; deploy/bundle.py builds either).
 Stack = Literal["spark4", "spark35"]

@@ -1,5 +1,5 @@
 """What a training run writes besides its checkpoints, to the run's staged outputs
-(dl.spec.TrainSpec.staged; sparkml.training publishes them once the run completes):
+(dl.spec.TrainSpec.staged; sparkml.cnn.train_cnn publishes them once the run completes):
 
     <export>/model.pt, model.json        the best epoch's model (rank 0)
     <report>/metrics.json, curve.png     the history so far and the final figures (rank 0)

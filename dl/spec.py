@@ -1,4 +1,4 @@
-"""What the driver (sparkml.training.spec) hands every training process: one TrainSpec, picklable
+"""What the driver (sparkml.cnn.train_cnn.spec) hands every training process: one TrainSpec, picklable
 for TorchDistributor and Horovod, and JSON for `torchrun -m dl.train spec.json` on a node without
 Spark. It carries the recipe (the validated train.* section), the dataset, where each output goes
 and what a resumed run continues from.

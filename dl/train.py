@@ -1,6 +1,6 @@
 """The training function: one definition that runs alone in one process, under torchrun, and
 under TorchDistributor (local or barrier mode). Torch, petastorm and pyarrow only, no Spark:
-the driver (sparkml.training) hands it one TrainSpec (dl.spec) and gets rank 0's small result back.
+the driver (sparkml.cnn.train_cnn) hands it one TrainSpec (dl.spec) and gets rank 0's small result back.
 
     result = run(spec)      # spec: dl.spec.TrainSpec
 

@@ -12,8 +12,8 @@ Spark/pyarrow. Posts without a label go to the rejected table (no_label).
 
 import sys
 
-from sparkml import cli
-from sparkml.datasets import build_dataset
+from core import cli
+from sparkml.cnn.build_dataset import build_dataset
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ duplicates; input = unique + duplicates (by kind).
 
 import sys
 
-from sparkml import cli
-from sparkml.dedup import dedup
+from core import cli
+from sparkml.images.dedup import dedup
 
 
 def main(argv=None) -> int:

@@ -12,8 +12,8 @@ faces.min_confidence; the summary says how many passed.
 
 import sys
 
-from sparkml import cli
-from sparkml.faces import detect_faces
+from core import cli
+from sparkml.likability.detect_faces import detect_faces
 
 
 def main(argv=None) -> int:

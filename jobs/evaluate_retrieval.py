@@ -10,8 +10,8 @@ published figures (mean P@100 90.2, mean AP 18.96). Writes
 
 import sys
 
-from sparkml import cli
-from sparkml.retrieval import evaluate
+from core import cli
+from sparkml.captions.retrieval import evaluate
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,7 @@ use that run's lake).
 
 import sys
 
-from sparkml import cli
+from core import cli
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ fc7 (after their ReLU, as Caffe's) or prelogit.
 
 import sys
 
-from sparkml import cli
-from sparkml.features import extract_features
+from core import cli
+from sparkml.extract_features import extract_features
 
 
 def main(argv=None) -> int:

@@ -13,8 +13,8 @@ negative followers or invalid likes go to the rejected table with the reason.
 
 import sys
 
-from sparkml import cli
-from sparkml.followers import filter_followers
+from core import cli
+from sparkml.likability.filter_followers import filter_followers
 
 
 def main(argv=None) -> int:

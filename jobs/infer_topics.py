@@ -10,8 +10,8 @@ counted and rejected them).
 
 import sys
 
-from sparkml import cli
-from sparkml.topics import infer_topics
+from core import cli
+from sparkml.captions.topics import infer_topics
 
 
 def main(argv=None) -> int:

@@ -17,8 +17,8 @@ files, videos) go to <lake>/tables/rejected/stage=ingest with a reason; input = 
 
 import sys
 
-from sparkml import cli
-from sparkml.sources import ingest
+from core import cli
+from sparkml.ingest.ingest import ingest
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ and the like ratio (close-ups and green outdoor scenes do better, quotes worse).
 import sys
 import time
 
-from sparkml import cli
-from sparkml.sample import GROUND_TRUTH, generate
+from core import cli
+from sparkml.sample.make_sample import GROUND_TRUTH, generate
 
 
 def main(argv=None) -> int:

@@ -11,8 +11,8 @@ width/height (as displayed) are kept. Rejects go to <lake>/tables/rejected/stage
 
 import sys
 
-from sparkml import cli
-from sparkml.prepare import prepare_images
+from core import cli
+from sparkml.images.prepare_images import prepare_images
 
 
 def main(argv=None) -> int:

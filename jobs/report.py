@@ -15,7 +15,7 @@ and batch scoring.
 
 import sys
 
-from sparkml import cli
+from core import cli
 
 
 def main(argv=None) -> int:

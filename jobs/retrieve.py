@@ -11,8 +11,8 @@ PNG per query under <lake>/reports/retrieval/. A query with no known word exits 
 import argparse
 import sys
 
-from sparkml import cli
-from sparkml.retrieval import retrieve
+from core import cli
+from sparkml.captions.retrieval import retrieve
 
 
 def _positive(text: str) -> int:

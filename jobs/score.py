@@ -18,12 +18,12 @@ A model trained on other preprocessing (prepare.size) or other labels exits 2.
 
 import sys
 
-from sparkml import cli
+from core import cli
 
 
 def main(argv=None) -> int:
     def body(spark, cfg, args):
-        from sparkml.scoring import score
+        from sparkml.score import score
 
         return score(spark, cfg)
 

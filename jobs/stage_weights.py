@@ -14,7 +14,7 @@ download). It says in one line which it staged. Plain Python, no Spark: `make de
 import sys
 from pathlib import Path
 
-from sparkml import cli
+from core import cli
 
 SHIPPED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "weights"
 

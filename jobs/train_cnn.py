@@ -20,7 +20,7 @@ driver (one node: one per GPU, or CPU processes), cluster as barrier tasks on th
 
 import sys
 
-from sparkml import cli
+from core import cli
 
 
 def _arguments(p):
@@ -32,14 +32,14 @@ def _arguments(p):
 
 
 def _preset(args):
-    from sparkml.training import preset
+    from sparkml.cnn.train_cnn import preset
 
     return preset(args.task, args.preset)
 
 
 def main(argv=None) -> int:
     def body(spark, cfg, args):
-        from sparkml.training import train_cnn
+        from sparkml.cnn.train_cnn import train_cnn
 
         return train_cnn(spark, cfg, args.resume)
 

@@ -1,6 +1,6 @@
 """Train caption topics: posts -> <lake>/tables/bow + <lake>/models/lda.
 
-Captions are preprocessed on executors exactly as the original (see sparkml/text.py);
+Captions are preprocessed on executors exactly as the original (see sparkml/captions/text.py);
 Spark counts tokens and keeps those seen more than lda.min_count times (optionally the
 lda.max_vocab most frequent), writes each caption's bag of words (partitioned by the
 dataset split), then gensim trains LDA on the train split streaming from Parquet (the
@@ -12,8 +12,8 @@ and the u_mass topic coherence. Captions with no words left go to the rejected t
 
 import sys
 
-from sparkml import cli
-from sparkml.topics import train_lda
+from core import cli
+from sparkml.captions.topics import train_lda
 
 
 def main(argv=None) -> int:

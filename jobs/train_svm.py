@@ -14,8 +14,8 @@ and val splits, figures the test split. One class in the training rows exits 2.
 
 import sys
 
-from sparkml import cli
-from sparkml.svm import train_svm
+from core import cli
+from sparkml.likability.train_svm import train_svm
 
 
 def main(argv=None) -> int:

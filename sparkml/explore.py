@@ -3,7 +3,7 @@
     explore.images (default <lake>/tables/images: an archive ingested with source.layout=
     instagram or folder, then prepare_images)
       -> features: raw pixels at explore.pixels (the original's first try) or a torchvision
-         network's layer (VGG19 fc7 by default, through sparkml.features)
+         network's layer (VGG19 fc7 by default, through sparkml.extract_features)
       -> Spark ML KMeans for each k of explore.k_range with its silhouette (ClusteringEvaluator),
          so the choice of k is not blind; the clusters of explore.k are kept
       -> a 2-D t-SNE (scikit-learn) of up to explore.tsne_sample images, drawn as thumbnails
@@ -27,7 +27,7 @@ import pyarrow as pa
 from pyspark.sql import types as T
 
 from core.figures import png, pyplot
-from sparkml.schemas import Reason, to_arrow
+from core.schemas import Reason, to_arrow
 
 # The feature pass's rows: post_id, vector, top-1 ImageNet class, or a reject.
 PASS = T.StructType([T.StructField("post_id", T.StringType()), T.StructField("vector", T.ArrayType(T.FloatType())),
@@ -48,7 +48,7 @@ def explore_batch(batch: pa.RecordBatch, e: dict, endpoint: str | None = None,
     """post_id + image (prepared JPEG) -> post_id, feature vector and (weights whose card names
     the head's classes: e["labels"]) the top-1 class, from the same forward pass; an image that
     does not decode becomes a reject row."""
-    from sparkml.features import decode, extract
+    from sparkml.extract_features import decode, extract
 
     ids = batch.column("post_id").to_pylist()
     images = [decode(b) for b in batch.column("image").to_pylist()]
@@ -155,7 +155,7 @@ def _labels(cfg) -> list[str] | None:
     from core.config import ConfigError
     from dl.models import ModelError
     from dl.weights import card
-    from sparkml.features import extractor
+    from sparkml.extract_features import extractor
 
     e = cfg.explore
     if e.features != "model":
@@ -174,7 +174,7 @@ def _vectors(spark, cfg, images, labels):
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from sparkml import progress
+    from core import progress
 
     e = cfg.explore
     opts = {"features": e.features, "pixels": e.pixels, "model": e.model, "weights": e.weights, "layer": e.layer,
@@ -264,7 +264,7 @@ def _pictures(spark, e, report: str, images, clusters, sizes: dict, sample, xy, 
     from pyspark.sql.window import Window
 
     from core import storage
-    from sparkml.retrieval import contact_sheet, jpegs
+    from sparkml.captions.retrieval import contact_sheet, jpegs
 
     near = clusters.withColumn("r", F.row_number().over(Window.partitionBy("cluster").orderBy("distance", "post_id"))) \
         .where(F.col("r") <= e.sheet).select("post_id", "cluster", "distance", "r").collect()
@@ -303,7 +303,7 @@ def explore(spark, cfg):
     from pyspark.sql import functions as F
 
     from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, close_output, read_complete, write_rejected, write_table
+    from core.lake import Lake, Summary, begin_output, close_output, read_complete, write_rejected, write_table
 
     e = cfg.explore
     lake = Lake(cfg.lake)

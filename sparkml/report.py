@@ -19,7 +19,7 @@ from markupsafe import Markup
 
 from core import storage
 from core.figures import png, pyplot
-from sparkml.lake import SUMMARY_FILE, Lake
+from core.lake import SUMMARY_FILE, Lake
 from sparkml.report_templates import fmt, render
 
 FILES = "report_files"
@@ -48,7 +48,7 @@ class Page:
     def complete(self, rel: str) -> bool:
         """Whether the output at <lake>/rel is complete and made from the inputs there now; the
         reason it is not goes to the report's list of what it does not show."""
-        from sparkml.lake import staleness
+        from core.lake import staleness
 
         why = staleness(self.spark, f"{self.lake.root}/{rel}")
         if why is not None and why != "missing or incomplete":
@@ -132,7 +132,7 @@ def per_class_png(ours: dict, published: dict) -> bytes:
 
 def sheet(page: Page, name: str, title: str, tiles: list[tuple[str, float, bytes | None]]) -> dict:
     """A contact sheet written beside the report: the picture for the `img` macro."""
-    from sparkml.retrieval import contact_sheet
+    from sparkml.captions.retrieval import contact_sheet
 
     return {"src": page.write(name, contact_sheet(title, tiles)), "alt": title}
 
@@ -193,7 +193,7 @@ def rejected_examples(page: Page, per_reason: int = 2) -> list[dict]:
 def duplicate_examples(page: Page, n: int = 4) -> list[dict]:
     from pyspark.sql import functions as F
 
-    from sparkml.retrieval import jpegs
+    from sparkml.captions.retrieval import jpegs
 
     spark, lake = page.spark, page.lake
     if not storage.exists(spark, f"{lake.table('duplicates')}/{SUMMARY_FILE}"):
@@ -216,7 +216,7 @@ def duplicate_examples(page: Page, n: int = 4) -> list[dict]:
 
 
 def city(page: Page) -> str | None:
-    from sparkml.training import PUBLISHED
+    from sparkml.cnn.train_cnn import PUBLISHED
 
     if not page.complete("models/city"):
         return None
@@ -236,7 +236,7 @@ def curves(page: Page, task: str) -> dict | None:
 
 
 def retrieval(page: Page) -> str | None:
-    from sparkml.retrieval import PUBLISHED
+    from sparkml.captions.retrieval import PUBLISHED
 
     if not page.complete("reports/retrieval_eval"):
         return None
@@ -250,7 +250,7 @@ def retrieval(page: Page) -> str | None:
 def query_sheets(page: Page, m: dict) -> list[dict] | None:
     """Contact sheets of the example queries' top images, as evaluate_retrieval ranked them
     (None for a lake whose evaluate_retrieval predates the examples)."""
-    from sparkml.retrieval import jpegs, slug
+    from sparkml.captions.retrieval import jpegs, slug
 
     if "examples" not in m:
         return None
@@ -261,7 +261,7 @@ def query_sheets(page: Page, m: dict) -> list[dict] | None:
 
 
 def likability(page: Page) -> str | None:
-    from sparkml.svm import PUBLISHED, TITLES
+    from sparkml.likability.train_svm import PUBLISHED, TITLES
 
     lake = page.lake
     m = page.json(f"{lake.report('likability_svm')}/metrics.json") if page.complete("models/likability_svm") else None
@@ -283,7 +283,7 @@ def likability(page: Page) -> str | None:
 def top_and_bottom(page: Page, m: dict) -> dict:
     """The test images the best SVM ranks highest and lowest (train_svm's ranking), as contact
     sheets drawn from tables/images; or why there are none."""
-    from sparkml.retrieval import jpegs
+    from sparkml.captions.retrieval import jpegs
 
     if not page.complete("tables/images"):
         return {"note": "No top and bottom test images: they are drawn from tables/images, which this lake does "
@@ -338,7 +338,7 @@ def write_report(spark, cfg):
     made from the inputs there now; stale, partial or unreadable ones are listed with why, never
     shown as current. The new page and its pictures are written beside the old report, which they
     replace only once complete (a failed run leaves the old report whole)."""
-    from sparkml.lake import Summary
+    from core.lake import Summary
 
     lake = Lake(cfg.lake)
     reports = lake.report()

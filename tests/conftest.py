@@ -78,8 +78,8 @@ def s3_sets(moto_endpoint) -> list[str]:
 @pytest.fixture(scope="session")
 def spark(moto_endpoint, tmp_path_factory):
     from core.config import load_config
-    from sparkml.jars import jar_paths
-    from sparkml.session import get_session
+    from core.jars import jar_paths
+    from core.session import get_session
 
     jars = jar_paths(JARS)
     missing = [str(j) for j in jars if not j.exists()]
@@ -99,7 +99,7 @@ def spark(moto_endpoint, tmp_path_factory):
 def sample(tmp_path_factory):
     """A generated sample (150 city posts + planted mess + 80 '#me' posts) shared by the tests."""
     from core.config import Sample
-    from sparkml.sample import generate
+    from sparkml.sample.make_sample import generate
 
     out = tmp_path_factory.mktemp("sample") / "s"
     truth = generate(Sample(out=str(out), posts=150, seed=11, size=320, me_posts=80, workers=2))
@@ -110,8 +110,8 @@ def sample(tmp_path_factory):
 def prepared(spark, sample, tmp_path_factory):
     """The sample (manifest layout) through ingest, prepare_images and dedup, shared by the
     tests of those stages and of the stages that build on them."""
-    from sparkml.lake import Lake
-    from sparkml.sample import MANIFEST
+    from core.lake import Lake
+    from sparkml.sample.make_sample import MANIFEST
 
     root, truth = sample
     lake = tmp_path_factory.mktemp("lake_prep")
@@ -177,7 +177,7 @@ def rejects_by_reason(spark, lake, stage: str) -> dict[str, set[str]]:
 def make_export(root: Path, photos: list[Path], nested: bool = False) -> dict:
     """An Instagram export of the given photos (sparkml.sample.write_export: carousels, a video,
     a missing media file, mojibake captions); returns its ground truth."""
-    from sparkml.sample import write_export
+    from sparkml.sample.make_sample import write_export
 
     return write_export(root, [(p.stem.replace("-", "_"), p.read_bytes()) for p in photos], nested=nested)
 

@@ -1,4 +1,4 @@
-"""A seeded mutation fuzzer for the per-image path (sparkml.images.prepare_image).
+"""A seeded mutation fuzzer for the per-image path (sparkml.images.resize.prepare_image).
 
 Seeds are real photographs (../shared/data/photos) re-encoded small as JPEG (baseline and
 progressive, with and without EXIF), PNG, GIF and WebP. Each case mutates one seed: bit flips,
@@ -137,7 +137,7 @@ def mutate(fmt: str, data: bytes, rng: random.Random) -> tuple[str, bytes]:
 
 def run_case(fmt: str, data: bytes) -> tuple[str, float]:
     """The outcome ('ok' or the reject reason) and the seconds it took; raises what prepare raises."""
-    from sparkml.images import Rejected, prepare_image
+    from sparkml.images.resize import Rejected, prepare_image
 
     t0 = time.perf_counter()
     out = prepare_image(data, size=64, max_pixels=50_000_000)

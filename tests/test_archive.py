@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from sparkml.sources import export_media, repair_mojibake
+from sparkml.ingest.archive import export_media, repair_mojibake
 from tests.conftest import make_export, rejects_by_reason, run_job
 
 
@@ -29,7 +29,7 @@ def test_export_media_reads_carousels_and_json_escapes():
 
 @pytest.mark.parametrize("nested", [False, True])
 def test_instagram_export_ingest(spark, tmp_path, photos, nested):
-    from sparkml.lake import Lake, read_summary
+    from core.lake import Lake, read_summary
 
     export = tmp_path / "export"
     truth = make_export(export, photos[:17], nested=nested)
@@ -51,7 +51,7 @@ def test_instagram_export_ingest(spark, tmp_path, photos, nested):
 def test_folder_ingest(spark, tmp_path, photos):
     import shutil
 
-    from sparkml.lake import Lake
+    from core.lake import Lake
 
     folder = tmp_path / "my photos"
     (folder / "2020 trip").mkdir(parents=True)

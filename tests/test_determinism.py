@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from sparkml.lake import Lake
-from sparkml.sample import MANIFEST
-from sparkml.schemas import SPLITS, TABLES
+from core.lake import Lake
+from core.schemas import SPLITS, TABLES
+from sparkml.sample.make_sample import MANIFEST
 from tests.conftest import ROOT, run_job
 
 STAGES = ("ingest", "prepare_images", "dedup", "train_lda", "infer_topics", "build_dataset")

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 from skimage import data
 
-from sparkml.faces import make_detector
+from sparkml.likability.detect_faces import make_detector
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "realsample"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparkml.lake import Lake, Summary, read_summary, write_summary
+from core.lake import Lake, Summary, read_summary, write_summary
 from tests.conftest import ROOT, make_export, rejects_by_reason, run_job
 from tests.test_train import SIDE, _sets, _write_dataset
 
@@ -93,7 +93,7 @@ def test_02_a_refused_scoring_run_leaves_the_previous_scores(scored, tmp_path, c
 def _features(spark, lake: Path, n: int = 90, dim: int = 8, one_class: bool = False, nan: int = 0) -> str:
     """A features table (prelogit, normal and mirrored rows) with a linear signal, its summary
     carrying a run id as extract_features' does; `nan` images get a NaN in one of their rows."""
-    from sparkml.schemas import TABLES
+    from core.schemas import TABLES
 
     rng = np.random.default_rng(0)
     rows = []
@@ -120,7 +120,7 @@ SVM = ["--set", "svm.layers=[prelogit]", "--set", "svm.c_grid=[0.01,1.0]", "--se
 def test_03_06_09_15_svm_nan_rows_folds_refusals_and_a_moved_lake(spark, tmp_path, capsys):
     from pyspark.ml import PipelineModel
 
-    from sparkml.scoring import _svm_model
+    from sparkml.score import _svm_model
 
     lake = tmp_path / "lake"
     _features(spark, lake, nan=3)
@@ -189,7 +189,7 @@ def test_04_the_report_renders_a_partial_lake_and_replaces_the_old_one_only_when
 def test_05_features_that_are_not_finite_are_rejected_rows(monkeypatch):
     import pyarrow as pa
 
-    from sparkml import features
+    from sparkml import extract_features as features
 
     jpeg = Image.fromarray(np.zeros((32, 32, 3), np.uint8))
     import io

@@ -1,4 +1,4 @@
-"""URL ingest (sparkml.fetch): image URLs in a manifest fetched on executors against a real
+"""URL ingest (sparkml.ingest.fetch): image URLs in a manifest fetched on executors against a real
 HTTP server on 127.0.0.1 that serves good JPEGs and every fault ingest must survive."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from core.config import Http
-from sparkml import fetch
+from sparkml.ingest import fetch
 from tests.conftest import ROOT, ingest, rejects_by_reason
 from tests.http_server import FaultServer
 
@@ -174,7 +174,7 @@ def _ingest(lake: Path, manifest: Path, *sets: str) -> int:
 
 
 def test_manifest_of_urls_every_url_accounted_and_resumed(spark, served, tmp_path, photos):
-    from sparkml.lake import Lake, read_summary
+    from core.lake import Lake, read_summary
 
     server, files = served
     names = sorted(files)
@@ -228,7 +228,7 @@ def test_a_thousand_urls_keep_open_files_bounded(spark, served, tmp_path):
     names = sorted(files)
     rows = [{"post_id": str(i), "image": f"{server.url}/img/{names[i % len(names)]}?n={i}"} for i in range(1000)]
     manifest = _manifest(tmp_path / "many.jsonl", rows)
-    from sparkml.lake import Lake, read_summary
+    from core.lake import Lake, read_summary
 
     lake = Lake(str(tmp_path / "lake"))
     assert _ingest(tmp_path / "lake", manifest, "ingest.http.concurrency=32", "ingest.http.per_host=16") == 0
@@ -239,7 +239,7 @@ def test_a_thousand_urls_keep_open_files_bounded(spark, served, tmp_path):
 
 
 def test_killed_mid_fetch_resumes_without_refetching(spark, photos, tmp_path):
-    from sparkml.lake import Lake, read_summary
+    from core.lake import Lake, read_summary
 
     files = {p.name: p.read_bytes() for p in photos[:50]}
     server = FaultServer(files, latency=0.05).start()

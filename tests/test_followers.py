@@ -5,7 +5,7 @@ import datetime as dt
 import pytest
 
 from core.config import Followers
-from sparkml.followers import label_posts
+from sparkml.likability.filter_followers import label_posts
 
 T0 = dt.datetime(2017, 6, 1)
 SCHEMA = "post_id string, user_id string, likes long, followers long, posted_at timestamp"

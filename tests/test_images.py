@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sparkml.images import Prepared, Rejected, _decode_scale, _plain_jpeg_size, _resample, prepare_image, sniff
-from sparkml.phash import hamming, phash, zoom_hashes
-from sparkml.sample import IMG_DIR
-from sparkml.schemas import Reason
+from core.schemas import IMG_DIR
+from core.schemas import Reason
+from sparkml.images.phash import hamming, phash, zoom_hashes
+from sparkml.images.resize import Prepared, Rejected, _decode_scale, _plain_jpeg_size, _resample, prepare_image, sniff
 from tests.conftest import SHARED, planted
 
 REAL = SHARED / "data" / "realsample"

@@ -6,10 +6,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from sparkml.lake import Lake, read_summary
-from sparkml.sample import IMG_DIR, MANIFEST
-from sparkml.schemas import POSTS
-from sparkml.sources import caption_status, decode_caption
+from core.lake import Lake, read_summary
+from core.schemas import IMG_DIR
+from core.schemas import POSTS
+from sparkml.ingest.posts import caption_status, decode_caption
+from sparkml.sample.make_sample import MANIFEST
 from tests.conftest import ingest, planted, run_job
 
 

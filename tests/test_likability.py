@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkml.lake import read_summary
-from sparkml.schemas import SPLITS
+from core.lake import read_summary
+from core.schemas import SPLITS
 from tests.conftest import planted, rejects_by_reason, run_job
 
 
@@ -285,7 +285,7 @@ def test_the_report_shows_the_likability_table_and_the_top_and_bottom_test_image
 def test_svm_with_one_class_in_training_is_a_clear_error(spark, featured, tmp_path, capsys):
     from pyspark.sql import functions as F
 
-    from sparkml.lake import Lake
+    from core.lake import Lake
 
     lake, _ = featured
     bad = Lake(str(tmp_path / "lake"))

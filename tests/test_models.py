@@ -150,9 +150,9 @@ def test_preprocessing_matches_torchvisions_transform():
 
 
 def test_extract_runs_without_spark_and_bf16_autocast_stays_close_to_float32():
-    """sparkml.features.extract is the function a GPU box without Spark runs; under bfloat16
+    """sparkml.extract_features.extract is the function a GPU box without Spark runs; under bfloat16
     autocast its features keep cosine > 0.99 with the float32 ones (bf16 has 8 mantissa bits)."""
-    from sparkml.features import device, extract
+    from sparkml.extract_features import device, extract
 
     images = _images(4)
     fp32 = extract(images, "alexnet", "none", ("fc6", "fc7"), True)

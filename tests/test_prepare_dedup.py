@@ -2,11 +2,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sparkml.dedup import _hashes, band_bounds, candidate_pairs, components, lsh_candidates, lsh_params, probe_masks, verify
-from sparkml.lake import read_summary
-from sparkml.phash import ZOOMS, hamming
-from sparkml.sample import MANIFEST
-from sparkml.schemas import SPLITS
+from core.lake import read_summary
+from core.schemas import SPLITS
+from sparkml.images.dedup import _hashes, band_bounds, candidate_pairs, components, lsh_candidates, lsh_params, probe_masks, verify
+from sparkml.images.phash import ZOOMS, hamming
+from sparkml.sample.make_sample import MANIFEST
 from tests.conftest import ROOT, planted, rejects_by_reason, run_job
 
 
@@ -127,7 +127,7 @@ def test_a_bucket_no_sub_key_separates_is_paired_within_a_window():
     row is paired only with the bucket_cap rows after it, both ways, and nothing else."""
     import pyarrow as pa
 
-    from sparkml.dedup import lsh_pairs, table_positions
+    from sparkml.images.dedup import lsh_pairs, table_positions
 
     n, cap = 300, 50
     batch = pa.RecordBatch.from_pydict({"t": np.zeros(n, np.int16), "key": np.zeros(n, np.int64),
@@ -252,7 +252,7 @@ PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 def test_dedup_finds_cropped_reposts_of_real_photos(spark, tmp_path):
     """Real photos (no near-duplicates among them) with cropped, re-encoded, rescaled and
     brightened copies: every copy is found, nothing unrelated is joined."""
-    from sparkml.sample import write_near_duplicates
+    from sparkml.sample.near_duplicates import write_near_duplicates
 
     photos = sorted(PHOTOS.glob("*.jpg"))
     assert len(photos) == 396, "../shared/data/photos must be beside the repository"

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from sparkml.lake import Lake, read_summary
+from core.lake import Lake, read_summary
 from tests.conftest import rejects_by_reason, run_job
 
 pytestmark = pytest.mark.slow

@@ -4,7 +4,7 @@ it runs; under CI the lines are off unless asked for."""
 import logging
 import time
 
-from sparkml import progress
+from core import progress
 
 
 def test_a_running_stage_logs_rows_done_of_total(spark, caplog):

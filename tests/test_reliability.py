@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sparkml.lake import Lake, Summary, read_summary
+from core.lake import Lake, Summary, read_summary
 from tests.conftest import ROOT, ingest, rejects_by_reason, run_job
 
 
@@ -47,8 +47,8 @@ def test_damaged_sof_and_pillow_errors_are_rejects(photos):
     from the decoders is the file's reject."""
     from PIL import Image
 
-    from sparkml import images
-    from sparkml.images import Rejected, prepare_image
+    from sparkml.images import resize as images
+    from sparkml.images.resize import Rejected, prepare_image
 
     original = Image.open
 
@@ -72,7 +72,7 @@ def test_damaged_sof_and_pillow_errors_are_rejects(photos):
 
 
 def test_jpeg_claiming_more_rows_than_its_data_is_truncated(photos):
-    from sparkml.images import Rejected, prepare_image
+    from sparkml.images.resize import Rejected, prepare_image
     from tests.fuzz import _jpeg_segments
 
     data = bytearray(photos[1].read_bytes())
@@ -86,7 +86,7 @@ def test_jpeg_claiming_more_rows_than_its_data_is_truncated(photos):
 def test_float_tiff_keeps_its_values():
     from PIL import Image
 
-    from sparkml.images import prepare_image
+    from sparkml.images.resize import prepare_image
 
     ramp = np.tile(np.linspace(0, 1, 128, dtype=np.float32), (128, 1))
     buf = io.BytesIO()
@@ -100,8 +100,8 @@ def test_float_tiff_keeps_its_values():
 
 
 def test_unbalanced_counts_write_no_summary(spark, tmp_path):
-    from sparkml import cli
-    from sparkml.lake import FAILED_FILE, SUMMARY_FILE
+    from core import cli
+    from core.lake import FAILED_FILE, SUMMARY_FILE
 
     out = tmp_path / "out"
     out.mkdir()
@@ -115,7 +115,7 @@ def test_unbalanced_counts_write_no_summary(spark, tmp_path):
 
 
 def test_two_caption_files_for_one_post(spark, tmp_path, photos):
-    from sparkml.schemas import CAP_DIR, IMG_DIR
+    from core.schemas import CAP_DIR, IMG_DIR
 
     root = tmp_path / "insta"
     (root / IMG_DIR / "paris").mkdir(parents=True)
@@ -158,7 +158,7 @@ def test_bad_paths_become_rejects_and_odd_names_work(spark, tmp_path, photos):
 
 
 def test_odd_names_in_the_instacities_layout(spark, tmp_path, photos):
-    from sparkml.schemas import IMG_DIR
+    from core.schemas import IMG_DIR
 
     city = tmp_path / "insta" / IMG_DIR / "new york"
     city.mkdir(parents=True)
@@ -390,8 +390,8 @@ def test_driver_killed_mid_write_leaves_nothing_that_looks_complete(spark, sampl
     import subprocess
     import sys
 
-    from sparkml.lake import SUMMARY_FILE
-    from sparkml.sample import MANIFEST
+    from core.lake import SUMMARY_FILE
+    from sparkml.sample.make_sample import MANIFEST
 
     root, _ = sample
     lake = tmp_path / "lake"
@@ -426,8 +426,8 @@ def test_a_second_run_on_the_same_output_refuses(spark, sample, tmp_path, capsys
     import subprocess
     import sys
 
-    from sparkml.lake import SUMMARY_FILE
-    from sparkml.sample import MANIFEST
+    from core.lake import SUMMARY_FILE
+    from sparkml.sample.make_sample import MANIFEST
 
     root, _ = sample
     lake = tmp_path / "lake"

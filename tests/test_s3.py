@@ -6,7 +6,7 @@ import json
 import boto3
 import pytest
 
-from sparkml.sample import MANIFEST
+from sparkml.sample.make_sample import MANIFEST
 from tests.conftest import planted, run_job
 
 pytestmark = pytest.mark.s3
@@ -162,7 +162,7 @@ def test_two_runs_on_one_s3_lake_one_refuses_and_a_dead_runs_lock_is_taken_over(
     and the run removes its own lock at the end."""
     import time
 
-    from sparkml.lake import LEASE_SECONDS
+    from core.lake import LEASE_SECONDS
 
     key = "lake-locked/tables/.posts.lock"
     args = ["--set", "lake=s3a://posts/lake-locked", "--set", f"source.path=s3a://posts/sample/{MANIFEST}",

@@ -6,8 +6,9 @@ import numpy as np
 from PIL import Image
 
 from core.config import Sample
-from sparkml.sample import CAP_DIR, GROUND_TRUTH, IMG_DIR, MANIFEST, generate
-from sparkml.schemas import CITIES
+from core.schemas import CAP_DIR, IMG_DIR
+from core.schemas import CITIES
+from sparkml.sample.make_sample import GROUND_TRUTH, MANIFEST, generate
 from tests.conftest import planted
 
 

@@ -19,7 +19,7 @@ from tests.conftest import rejects_by_reason, run_job
 def trained(spark, prepared, tmp_path_factory):
     """A copy of the prepared sample's tables with the cities dataset and a city AlexNet (random
     init, one epoch, inline) exported under models/city."""
-    from sparkml.lake import Lake
+    from core.lake import Lake
 
     src, truth = prepared
     root = tmp_path_factory.mktemp("lake_score") / "lake"

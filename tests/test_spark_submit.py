@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from core.config import Sample
-from sparkml.sample import generate
+from sparkml.sample.make_sample import generate
 from tests.conftest import ROOT
 
 

@@ -3,10 +3,10 @@ import os
 import pytest
 
 from core import storage
+from core import lake as lk
 from core.config import load_config
-from sparkml import lake as lk
-from sparkml.lake import IncompleteInput, Lake, Summary, read_summary, write_summary
-from sparkml.session import get_session, s3a_conf
+from core.lake import IncompleteInput, Lake, Summary, read_summary, write_summary
+from core.session import get_session, s3a_conf
 from tests.conftest import ROOT
 
 

@@ -22,9 +22,9 @@ def photo_features(spark, tmp_path_factory):
     Five photos have no label."""
     from pyspark.sql import Row
 
-    from sparkml.features import extract
-    from sparkml.lake import Lake, Summary, write_summary, write_table
-    from sparkml.schemas import TABLES
+    from core.lake import Lake, Summary, write_summary, write_table
+    from core.schemas import TABLES
+    from sparkml.extract_features import extract
 
     assert len(PHOTOS) == 396, "../shared/data/photos must be beside the repository"
     images = [np.asarray(Image.open(p).convert("RGB").resize((300, 300))) for p in PHOTOS]
@@ -47,7 +47,7 @@ def photo_features(spark, tmp_path_factory):
 def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_features):
     """The same C (Spark regParam = 1/(C n)) on the same folds: test AP within 0.02, for the
     normal and flipped+normal variants; the table's sizes and positive rate are the photos'."""
-    from sparkml.lake import read_summary
+    from core.lake import read_summary
 
     lake, labels, split = photo_features
     keep = np.array([i not in UNLABELLED for i in range(len(PHOTOS))])

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from sparkml.lake import read_summary
-from sparkml.retrieval import average_precision, order, precision_at_k, scores, top_k_block
-from sparkml.text import preprocess, reference_preprocess, stop_words
+from core.lake import read_summary
+from sparkml.captions.retrieval import average_precision, order, precision_at_k, scores, top_k_block
+from sparkml.captions.text import preprocess, reference_preprocess, stop_words
 from tests.conftest import run_job
 
 TRICKY = {
@@ -141,7 +141,7 @@ def test_cities_dataset_carries_the_topic_target(spark, topics):
 
 
 def test_corpus_length_comes_from_parquet_footers(spark, topics):
-    from sparkml.topics import ParquetCorpus
+    from sparkml.captions.topics import ParquetCorpus
 
     lake, _, _ = topics
     uri = f"{lake.table('bow')}/split=train"

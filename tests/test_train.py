@@ -28,8 +28,8 @@ def _write_dataset(spark, lake: Path, name: str, kind: str, groups: dict[str, li
     from petastorm.etl.dataset_metadata import materialize_dataset
     from petastorm.unischema import dict_to_spark_row
 
-    from sparkml.datasets import cities_schema, likability_schema
-    from sparkml.lake import Summary, write_summary
+    from core.lake import Summary, write_summary
+    from sparkml.cnn.build_dataset import cities_schema, likability_schema
 
     schema = cities_schema(SIDE, TOPICS) if kind == "cities" else likability_schema(SIDE)
     rng = np.random.default_rng(5)
@@ -104,7 +104,7 @@ def _summary(lake, task: str) -> dict:
 def test_heads_have_the_task_shapes_and_presets_freeze_what_the_original_froze():
     from core.config import load_config
     from dl.recipe import build
-    from sparkml.training import preset
+    from sparkml.cnn.train_cnn import preset
 
     for task, name, outputs, frozen in (("city", "city", 10, ["features.0", "features.3"]),
                                         ("likability", "likability", 2, []),
@@ -383,7 +383,7 @@ def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spa
     """A GPU node without Spark: the driver's spec as JSON, `torchrun -m dl.train spec.json`."""
     from core.config import load_config
     from dl.spec import Outputs
-    from sparkml.training import preset, spec
+    from sparkml.cnn.train_cnn import preset, spec
 
     cfg = load_config(ROOT / "conf" / "local.yaml", _sets_dict(tiny, dataset="even", batch_size=4, epochs=1),
                       preset("city", "city-scratch"))

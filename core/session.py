@@ -35,7 +35,7 @@ def s3a_conf(cfg: Config) -> dict[str, str]:
             "com.amazonaws.auth.DefaultAWSCredentialsProviderChain"
         ),
         # Hadoop 3.4 (Spark 4) writes these defaults with units ("60s"), which a hadoop-aws 3.3 jar
-        # (what sparkml.jars fetches for s3a outside the clusters) reads as plain numbers and
+        # (what core.jars fetches for s3a outside the clusters) reads as plain numbers and
         # fails on: the same values, as numbers in the unit both versions read them in.
         "spark.hadoop.fs.s3a.threads.keepalivetime": "60",  # s
         "spark.hadoop.fs.s3a.connection.establish.timeout": "30000",  # ms

@@ -29,7 +29,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from core import storage
-from sparkml.schemas import TABLES, with_reject
+from core.schemas import TABLES, with_reject
 
 log = logging.getLogger("instalearn")
 
@@ -374,7 +374,7 @@ def per_record(spark: SparkSession, lake: Lake, stage: str, inputs: DataFrame,
         with per_record(spark, lake, "detect_faces", images, fn, "faces", 64) as (good, rejected):
             n = good.count()
     """
-    from sparkml import progress
+    from core import progress
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))
     acc = progress.counter(spark, inputs.count())

@@ -1,8 +1,8 @@
 """Image preparation per record: format sniffing, safe decode (EXIF orientation, header checks
 before any pixel is decoded), resize to the square the datasets store, JPEG re-encode.
 
-Plain functions on plain values (no Spark); sparkml.prepare.prepare_batch is the adapter that
-runs them over an Arrow batch on executors, and sparkml.phash hashes the result.
+Plain functions on plain values (no Spark); sparkml.images.prepare_images.prepare_batch is the adapter that
+runs them over an Arrow batch on executors, and sparkml.images.phash hashes the result.
 
 Fast path: JPEG is decoded by libjpeg-turbo (simplejpeg), in the DCT domain at the largest
 power-of-two reduction (1/8, 1/4, 1/2) that still leaves `oversample` x the target on each
@@ -35,8 +35,8 @@ import numpy as np
 import simplejpeg
 from PIL import Image, ImageFile
 
-from sparkml.phash import hash_base
-from sparkml.schemas import Reason
+from core.schemas import Reason
+from sparkml.images.phash import hash_base
 
 # We enforce prepare.max_pixels ourselves from the header, before any decoding.
 Image.MAX_IMAGE_PIXELS = None

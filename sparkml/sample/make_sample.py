@@ -5,7 +5,7 @@ Writes, under `out`:
     img_resized_1M/cities_instagram/<city>/<id>.jpg     images (640x640 mostly; some 300, phone sizes)
     captions_resized_1M/cities_instagram/<city>/<id>.txt captions (UTF-8 unless planted otherwise)
     manifest.jsonl    the same posts with user_id, likes, followers, posted_at (images by relative path)
-    me/<id>.jpg       '#me' posts (manifest only): real faces in scenes, quote images (sparkml.selfies)
+    me/<id>.jpg       '#me' posts (manifest only): real faces in scenes, quote images (sparkml.sample.selfies)
     ground_truth.json every planted case: post_id, kind, and what it is a copy of; per '#me' post
                       its kind, face box and like-ratio factors
 
@@ -33,8 +33,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.config import Sample
-from sparkml.schemas import CAP_DIR, CITIES, IMG_DIR
-from sparkml.selfies import AS_OF, MePost, write_me
+from core.schemas import CAP_DIR, CITIES, IMG_DIR
+from sparkml.sample.selfies import AS_OF, MePost, write_me
+
 
 GROUND_TRUTH = "ground_truth.json"
 MANIFEST = "manifest.jsonl"
@@ -243,7 +244,7 @@ class Post:
     image_rel: str = ""
 
 
-def _encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
+def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=quality)
     return buf.getvalue()
@@ -255,7 +256,7 @@ def _render_chunk(args) -> list[tuple[str, bytes]]:
     for p in posts:
         rng = np.random.default_rng([seed, int(p.post_id)])
         img = render(STYLES[p.style_city], p.topics, rng, p.size)
-        out.append((p.post_id, _encode_jpeg(img)))
+        out.append((p.post_id, encode_jpeg(img)))
     return out
 
 
@@ -363,15 +364,15 @@ def _plant_duplicates(b: _Build, exact_src: list[str], near_src: list[str]) -> N
         how = ("reencode", "resize", "crop")[k % 3]
         if how == "reencode":
             q = int(b.rng.integers(50, 80))
-            data, detail = _encode_jpeg(img, q), f"jpeg quality {q}"
+            data, detail = encode_jpeg(img, q), f"jpeg quality {q}"
         elif how == "resize":
             s = float(b.rng.uniform(0.5, 0.85))
-            data = _encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
+            data = encode_jpeg(img.resize((int(img.width * s), int(img.height * s)), Image.BILINEAR))
             detail = f"resized x{s:.2f}"
         else:
             f = float(b.rng.uniform(0.005, 0.015))  # lightly: the whole-image pHash cannot see through heavier crops
             dx, dy = int(img.width * f), int(img.height * f)
-            data = _encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
+            data = encode_jpeg(img.crop((dx, dy, img.width - dx, img.height - dy)))
             detail = f"cropped {f:.1%} per side"
         b.plant("near_duplicate", b.repost(src, data).post_id, of=src, transform=detail)
 
@@ -411,7 +412,7 @@ def _plant_formats(b: _Build) -> None:
         b.plant(kind, pid)
     for mode, kind in (("CMYK", "cmyk"), ("L", "grayscale")):
         for pid in b.take(2):
-            b.images[pid] = _encode_jpeg(b.decoded(pid).convert(mode))
+            b.images[pid] = encode_jpeg(b.decoded(pid).convert(mode))
             b.plant(kind, pid)
     for pid in b.take(2):
         img = b.decoded(pid)
@@ -618,50 +619,3 @@ def _write_extras(b: _Build, out: Path, archive: int = 200, new: int = 8) -> Non
         (folder / f"{p.city}-{p.post_id}.jpg").write_bytes(b.images[p.post_id])
     src = b.images[clean[archive + new].post_id]
     (folder / "truncated.jpg").write_bytes(src[: len(src) // 3])
-
-
-# ---------------------------------------------------------------- near-duplicates of real photos
-
-EDITS = ("crop4", "crop5", "crop_asym", "reencode", "rescale", "bright")
-
-
-def edited_copy(img: Image.Image, kind: str, rng: np.random.Generator) -> tuple[bytes, str]:
-    """A re-post of img as people make them: cropped (4% or 5% per side, or each side 0-5% at
-    random), re-encoded at JPEG quality 50-80, rescaled to 50-85%, or 20% brighter or darker."""
-    w, h = img.size
-    if kind.startswith("crop"):
-        f = {"crop4": [0.04] * 4, "crop5": [0.05] * 4}.get(kind) or [float(x) for x in rng.uniform(0, 0.05, 4)]
-        box = (round(w * f[0]), round(h * f[1]), w - round(w * f[2]), h - round(h * f[3]))
-        return _encode_jpeg(img.crop(box)), "crop l/t/r/b " + "/".join(f"{x:.1%}" for x in f)
-    if kind == "reencode":
-        q = int(rng.integers(50, 81))
-        return _encode_jpeg(img, q), f"jpeg quality {q}"
-    if kind == "rescale":
-        s = float(rng.uniform(0.5, 0.85))
-        return _encode_jpeg(img.resize((max(1, int(w * s)), max(1, int(h * s))), Image.BILINEAR)), f"x{s:.2f}"
-    if kind == "bright":
-        from PIL import ImageEnhance
-
-        b = float(rng.choice([0.8, 1.2]))
-        return _encode_jpeg(ImageEnhance.Brightness(img).enhance(b)), f"brightness x{b}"
-    raise ValueError(f"unknown edit {kind!r}")
-
-
-def write_near_duplicates(photos: list[Path], out: Path, seed: int = 0, kinds: tuple[str, ...] = EDITS) -> dict:
-    """A manifest of real photos (originals re-encoded as they are) plus one edited copy of each
-    per kind; returns the ground truth {post_id: {"of": original post_id or None, "kind", "detail"}}."""
-    rng = np.random.default_rng(seed)
-    (out / "img").mkdir(parents=True, exist_ok=True)
-    truth, rows = {}, []
-    for i, path in enumerate(photos):
-        img = Image.open(path).convert("RGB")
-        src = f"p{i:04d}"
-        items = [(src, "original", _encode_jpeg(img), path.name)]
-        items += [(f"{src}-{k}", k, *edited_copy(img, k, rng)) for k in kinds]
-        for pid, kind, data, detail in items:
-            (out / "img" / f"{pid}.jpg").write_bytes(data)
-            rows.append({"post_id": pid, "image": f"img/{pid}.jpg"})
-            truth[pid] = {"of": None if pid == src else src, "kind": kind, "detail": detail}
-    (out / MANIFEST).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (out / GROUND_TRUTH).write_text(json.dumps(truth, indent=1, sort_keys=True))
-    return truth

@@ -1,5 +1,5 @@
 """The prepare_images stage: posts -> <lake>/tables/images (+ rejects), one prepared image per
-decodable post. The per-record work is sparkml.images.prepare_image; `prepare_batch` is the thin
+decodable post. The per-record work is sparkml.images.resize.prepare_image; `prepare_batch` is the thin
 adapter that runs it over an Arrow batch on executors."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from sparkml.images import Prepared, Rejected, prepare_image
-from sparkml.phash import zoom_hashes
-from sparkml.schemas import TABLES, to_arrow, with_reject
+from core.schemas import TABLES, to_arrow, with_reject
+from sparkml.images.phash import zoom_hashes
+from sparkml.images.resize import Prepared, Rejected, prepare_image
 
 RESULT_ARROW = to_arrow(with_reject(TABLES["images"].schema))
 
@@ -55,7 +55,7 @@ def prepare_images(spark, cfg) -> "Summary":
     """posts -> <lake>/tables/images (+ rejects): one prepared image per decodable post."""
     from pyspark.sql import functions as F
 
-    from sparkml.lake import Lake, Summary, begin_output, per_record, read_table
+    from core.lake import Lake, Summary, begin_output, per_record, read_table
 
     lake = Lake(cfg.lake)
     out = lake.table("images")

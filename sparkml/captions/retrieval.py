@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from sparkml.schemas import TABLES
-from sparkml.text import preprocess
+from core.schemas import TABLES
+from sparkml.captions.text import preprocess
 
 
 class UnknownQuery(ValueError):
@@ -154,8 +154,8 @@ def _embeddings(spark, cfg, lake):
     """The configured embeddings table, restricted to unique images (what can be shown)."""
     from pyspark.sql import functions as F
 
-    from sparkml.dedup import unique_images
-    from sparkml.lake import read_complete, read_table
+    from core.lake import read_complete, read_table
+    from sparkml.images.dedup import unique_images
 
     r = cfg.retrieval
     if r.embeddings in TABLES:
@@ -183,8 +183,8 @@ def _query_vectors(texts: list[str], lda) -> np.ndarray:
 def retrieve(spark, cfg, queries: list[str], k: int | None = None):
     """Rank unique images for each query; <lake>/tables/retrieval + reports/retrieval/<query>.png."""
     from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, write_table
-    from sparkml.topics import load_lda
+    from core.lake import Lake, Summary, begin_output, write_table
+    from sparkml.captions.topics import load_lda
 
     lake = Lake(cfg.lake)
     k = k or cfg.retrieval.k
@@ -235,9 +235,9 @@ def evaluate(spark, cfg):
     from pyspark.sql import functions as F
 
     from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, read_table
-    from sparkml.splits import assign_split
-    from sparkml.topics import load_lda
+    from core.lake import Lake, Summary, begin_output, read_table
+    from core.splits import assign_split
+    from sparkml.captions.topics import load_lda
 
     lake = Lake(cfg.lake)
     out = lake.report("retrieval_eval")

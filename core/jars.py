@@ -2,7 +2,7 @@
 
 Maven Central is not always reachable; the `sagemaker-pyspark` source distribution on
 PyPI carries `hadoop-aws-3.3.1.jar` and `aws-java-sdk-bundle-1.11.901.jar`, which work
-with Spark 3.5's Hadoop 3.3.4 client. Usage: `python -m sparkml.jars .cache/jars`.
+with Spark 3.5's Hadoop 3.3.4 client. Usage: `python -m core.jars .cache/jars`.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from core.config import Config, Followers
-from sparkml.lake import Lake, Summary, begin_output, conform, read_table, write_rejected, write_table
-from sparkml.schemas import Reason
+from core.lake import Lake, Summary, begin_output, conform, read_table, write_rejected, write_table
+from core.schemas import Reason
 
 
 def _quantiles(df: DataFrame, col: str, probs: list[float], f: Followers) -> list[float]:

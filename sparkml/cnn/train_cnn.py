@@ -19,11 +19,11 @@ from pyspark.sql import SparkSession
 
 from core import storage
 from core.config import Config, ConfigError, read_yaml
+from core.lake import Lake, Summary, UnusableInput, close_output, lock_output, open_input
+from core.schemas import SPLITS, TABLES
 from dl.spec import Outputs, TrainSpec
-from sparkml.lake import Lake, Summary, UnusableInput, close_output, lock_output, open_input
-from sparkml.schemas import SPLITS, TABLES
 
-PRESETS = Path(__file__).resolve().parents[1] / "conf" / "train"
+PRESETS = Path(__file__).resolve().parents[2] / "conf" / "train"
 
 # The original's figures (InstaCities1M city classifier, top-1 on a 200K test subset, and per city;
 # the likability AlexNet's test accuracy).

@@ -45,8 +45,8 @@ from yarl import URL
 
 from core import storage
 from core.config import Http
-from sparkml.images import sniff
-from sparkml.schemas import Reason
+from core.schemas import Reason
+from sparkml.images.resize import sniff
 
 REDIRECTS = (301, 302, 303, 307, 308)
 CHUNK = 1 << 16

@@ -1,4 +1,4 @@
-"""Perceptual hashes of prepared images, for near-duplicate search (sparkml.dedup).
+"""Perceptual hashes of prepared images, for near-duplicate search (sparkml.images.dedup).
 
     g = thumb32(luma)      # 32x32 float32 thumbnail of a prepared image's luminance
     phash(np.stack([g]))   # -> int64[1], the classic 64-bit DCT pHash

@@ -3,7 +3,7 @@ dedup.max_hamming at the best pairing of centred zooms, verified by the 256-bit 
 that pairing), one canonical post kept per group (the lowest post_id).
 
 Crop-tolerant: every image has the 64-bit pHash of the whole image and of centred zooms
-(sparkml.phash.ZOOMS). A re-post cropped by c per side hashes like its original's zoom
+(sparkml.images.phash.ZOOMS). A re-post cropped by c per side hashes like its original's zoom
 nearest c; a re-post with a frame added has a zoom that hashes like the original. So a pair
 is a candidate when one image's whole-image hash is near any hash of the other.
 
@@ -30,8 +30,8 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from core.config import Config
-from sparkml.lake import Lake, Summary, begin_output, conform, read_table, union_all, write_table
-from sparkml.phash import WORDS_256, ZOOMS
+from core.lake import Lake, Summary, begin_output, conform, read_table, union_all, write_table
+from sparkml.images.phash import WORDS_256, ZOOMS
 
 
 def band_bounds(bands: int) -> list[tuple[int, int]]:

@@ -4,7 +4,7 @@
       -> ingest's checks and prepare_images' decode + resize (rejects with reasons)
       -> every model asked for that exists: the exported city / topics / likability CNNs
          (dl.score) and the best Spark SVM of train_svm over features extracted on the fly
-         with the network its features came from (sparkml.features)
+         with the network its features came from (sparkml.extract_features)
       -> <lake>/tables/scores: one row per image and model (schemas.SCORES)
 
 New posts are never written to the lake's posts or images tables: scoring leaves the
@@ -26,11 +26,11 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core import storage
+from core import progress
 from core.config import Config, ConfigError, Source
-from sparkml import progress
-from sparkml.lake import (SUMMARY_FILE, IncompleteInput, Lake, Summary, begin_output, open_input, union_all,
+from core.lake import (SUMMARY_FILE, IncompleteInput, Lake, Summary, begin_output, open_input, union_all,
                           write_rejected, write_table)
-from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
+from core.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 STAGE = "score"
 CNNS = ("city", "topics", "likability")
@@ -138,8 +138,8 @@ def _check(spark: SparkSession, cfg: Config, name: str, m) -> None:
 def new_images(spark: SparkSession, cfg: Config) -> tuple[DataFrame, DataFrame, DataFrame]:
     """(prepared images: post_id, city, image; rejects; input keys) of score.input, through
     ingest's checks and prepare_images' decode and resize, nothing written."""
-    from sparkml.prepare import options, prepare_batch
-    from sparkml.sources import plan, read_posts
+    from sparkml.images.prepare_images import options, prepare_batch
+    from sparkml.ingest.ingest import plan, read_posts
 
     s = cfg.score
     if s.input is None:
@@ -193,7 +193,7 @@ def score_batch(batch: pa.RecordBatch, found: dict, cfg_f: dict, endpoint: str |
     """post_id + image (prepared JPEG) -> one row per image and model (the SVM's with its
     feature vector, scored on the Spark side), or one reject row for an image that does not decode."""
     from dl.score import predict, probabilities
-    from sparkml.features import decode, device, extract, task_threads
+    from sparkml.extract_features import decode, device, extract, task_threads
 
     task_threads()
     ids = batch.column("post_id").to_pylist()
@@ -249,7 +249,7 @@ def score(spark: SparkSession, cfg: Config) -> Summary:
     """score.input -> <lake>/tables/scores (+ rejects of stage score)."""
     from dl.models import ModelError
     from dl.score import _network as network
-    from sparkml.features import extractor
+    from sparkml.extract_features import extractor
 
     lake = Lake(cfg.lake)
     found, missing = models(spark, cfg)

@@ -24,10 +24,10 @@ from pyspark.sql import types as T
 
 from core import storage
 from core.config import Config, ConfigError
-from sparkml.dedup import unique_images
-from sparkml.lake import SUMMARY_FILE, Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
-from sparkml.schemas import SPLITS, Reason
-from sparkml.splits import assign_split
+from core.lake import SUMMARY_FILE, Lake, Summary, begin_output, read_summary, read_table, union_all, write_rejected
+from core.schemas import SPLITS, Reason
+from core.splits import assign_split
+from sparkml.images.dedup import unique_images
 
 
 def cities_schema(size: int, num_topics: int | None = None) -> Unischema:

@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
+from core.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 Box = tuple[float, float, float, float, float]
 
@@ -180,7 +180,7 @@ def detect_faces(spark, cfg) -> "Summary":
     """images (unique or not) -> <lake>/tables/faces: one row per image, faces=0 when none."""
     from pyspark.sql import functions as F
 
-    from sparkml.lake import Lake, Summary, begin_output, per_record, read_table
+    from core.lake import Lake, Summary, begin_output, per_record, read_table
 
     lake = Lake(cfg.lake)
     out = lake.table("faces")

@@ -27,11 +27,11 @@ from pyspark.sql import functions as F
 
 from core import storage
 from core.config import Config, ConfigError
-from sparkml.lake import (Lake, Summary, begin_output, close_output, open_input, read_summary, read_table,
+from core.lake import (Lake, Summary, begin_output, close_output, open_input, read_summary, read_table,
                           write_rejected, write_table)
-from sparkml.schemas import TABLES, Reason
-from sparkml.splits import assign_split
-from sparkml.text import TOKENS_ARROW, tokens_batch
+from core.schemas import TABLES, Reason
+from core.splits import assign_split
+from sparkml.captions.text import TOKENS_ARROW, tokens_batch
 
 
 class ParquetCorpus:

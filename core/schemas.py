@@ -27,7 +27,7 @@ class Reason(str, Enum):
     UNRECOGNIZED_FILE = "unrecognized_file"  # a file in the image tree that is not <id>.<image ext>
     VIDEO = "video"                          # an Instagram export's video (the studies use still images)
     PATH_OUTSIDE_ARCHIVE = "path_outside_archive"  # an archive's media path or symlink leads out of its folder
-    # ingest of http(s) image URLs (sparkml.fetch)
+    # ingest of http(s) image URLs (sparkml.ingest.fetch)
     HTTP_STATUS = "http_status"              # the server answered with an error status (the code is in the detail)
     TIMEOUT = "timeout"                      # no answer within ingest.http's connect / read / total timeouts
     TOO_LARGE = "too_large"                  # the body is larger than ingest.http.max_bytes
@@ -118,7 +118,7 @@ IMAGES = T.StructType([
     T.StructField("orientation", T.IntegerType(), False),  # EXIF orientation applied
     T.StructField("sha256", T.StringType(), False),      # of the original bytes
     T.StructField("phash", T.LongType(), False),         # 64-bit DCT perceptual hash of the prepared image
-    # the same of its centred zooms (sparkml.phash.ZOOMS[1:]: 2.5% and 5% cut per side), for cropped re-posts
+    # the same of its centred zooms (sparkml.images.phash.ZOOMS[1:]: 2.5% and 5% cut per side), for cropped re-posts
     T.StructField("zoom_phash", T.ArrayType(T.LongType(), False), False),
     # 256-bit hashes (4 words each) of the whole image and of each zoom: dedup verifies candidates with them
     T.StructField("phash256", T.ArrayType(T.LongType(), False), False),

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from sparkml.schemas import SPLITS
+from core.schemas import SPLITS
 
 
 def assign_split(df: DataFrame, train: float, val: float, respect_source: bool) -> DataFrame:

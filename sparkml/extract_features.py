@@ -19,7 +19,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 
-from sparkml.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
+from core.schemas import TABLES, Reason, ResultRows, to_arrow, with_reject
 
 RESULT_ARROW = to_arrow(with_reject(TABLES["features"].schema))
 
@@ -138,8 +138,8 @@ def _inputs(spark, cfg):
     from pyspark.sql import functions as F
 
     from core import storage
-    from sparkml.lake import Lake, read_complete, union_all
-    from sparkml.schemas import SPLITS
+    from core.lake import Lake, read_complete, union_all
+    from core.schemas import SPLITS
 
     f, lake = cfg.features, Lake(cfg.lake)
     if f.images:
@@ -160,7 +160,7 @@ def extract_features(spark, cfg) -> "Summary":
     from pyspark.sql import functions as F
 
     from core.config import ConfigError
-    from sparkml.lake import Lake, Summary, begin_output, per_record
+    from core.lake import Lake, Summary, begin_output, per_record
 
     f = cfg.features
     lake = Lake(cfg.lake)

@@ -1,6 +1,6 @@
 """The shared command line and run of every job: --config, --set, --help (exit 2 with one line
 on a bad option or config); then the session, the stage's body, and its summary (written by
-sparkml.lake.close_output, or _FAILED.json when the counts do not balance: exit 1); a missing or
+core.lake.close_output, or _FAILED.json when the counts do not balance: exit 1); a missing or
 stale input or a refused setting is one line and exit 2; the outputs' locks are released at the end.
 
 A job file is a few lines:
@@ -19,9 +19,9 @@ import time
 from typing import Callable
 
 from core import storage
+from core import lake
 from core.config import Config, ConfigError, describe_keys, load_config
-from sparkml import lake
-from sparkml.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, close_output
+from core.lake import FAILED_FILE, SUMMARY_FILE, IncompleteInput, Summary, close_output
 
 log = logging.getLogger("instalearn")
 
@@ -87,8 +87,8 @@ def run(stage: str, doc: str, body: Body, argv: list[str] | None = None,
     """Parse, build the session, run the stage, write its _SUMMARY.json, log one line."""
     cfg, args = parse(stage, doc, argv, add_arguments, base)
     setup_logging()
-    from sparkml import progress
-    from sparkml.session import get_session  # pyspark import only once the options are good
+    from core import progress
+    from core.session import get_session  # pyspark import only once the options are good
 
     try:
         storage.check_writable(cfg.lake)

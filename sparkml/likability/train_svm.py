@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from sparkml.lake import UnusableInput
+from core.lake import UnusableInput
 
 VARIANTS = ("normal", "flipped+normal")
 ALGORITHMS = ("spark_linearsvc", "sklearn_linearsvc", "sklearn_random_forest", "mllib_svmwithsgd")
@@ -305,7 +305,7 @@ def _features(spark, cfg):
     from pyspark.ml.functions import array_to_vector
     from pyspark.sql import functions as F
 
-    from sparkml.lake import Lake, read_table
+    from core.lake import Lake, read_table
 
     s = cfg.svm
     feats = read_table(spark, Lake(cfg.lake), "features")
@@ -338,8 +338,8 @@ def _usable(rows, first_layer: str):
     in any of its rows, whole, since Spark ML would fail on it; an image without a label)."""
     from pyspark.sql import functions as F
 
-    from sparkml.lake import union_all
-    from sparkml.schemas import Reason
+    from core.lake import union_all
+    from core.schemas import Reason
 
     non_finite = rows.where(F.exists("vector", lambda x: F.isnan(x) | (F.abs(x) == float("inf")))) \
         .select("post_id").distinct()
@@ -409,7 +409,7 @@ def train_svm(spark, cfg):
     from pyspark.sql import functions as F
 
     from core import storage
-    from sparkml.lake import Lake, Summary, begin_output, close_output, write_rejected
+    from core.lake import Lake, Summary, begin_output, close_output, write_rejected
 
     s = cfg.svm
     lake = Lake(cfg.lake)
@@ -475,7 +475,7 @@ def _test_ranking(feats, models: str, best: dict) -> list[list]:
 
 def _provenance(spark, lake, feats) -> dict:
     """Which network made the features (a scoring job must compute the same ones)."""
-    from sparkml.lake import read_summary
+    from core.lake import read_summary
 
     rows = feats.select("model", "weights").distinct().collect()
     made = read_summary(spark, lake.table("features"))

@@ -30,7 +30,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from core import storage
-from sparkml.schemas import MANIFEST_COLUMNS
+from core.schemas import MANIFEST_COLUMNS
 
 SCHEMA = T.StructType([T.StructField(c, T.StringType()) for c in MANIFEST_COLUMNS] + [
     T.StructField("_corrupt", T.StringType()), T.StructField("_caption_not_utf8", T.BooleanType()),

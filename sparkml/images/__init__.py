@@ -1,0 +1,1 @@
+"""Image preparation (jobs/prepare_images.py) and near-duplicate search (jobs/dedup.py)."""

@@ -1,0 +1,1 @@
+"""Ingest: the four input layouts into <lake>/tables/posts (jobs/ingest.py)."""

@@ -1,0 +1,1 @@
+"""The generated sample (jobs/make_sample.py) and the real-photo test sets."""
