@@ -125,7 +125,7 @@ def open_input(spark: SparkSession, output: str, remedy: str, fresh: bool = True
         stale = why.startswith("stale")
         raise IncompleteInput(f"{output} is {why}{'; ' if stale else ': '}"
                               f"{remedy.replace(' first', ' again') if stale else remedy}")
-    _reads[output] = summary.get("run_id")
+    _reads[storage.qualify(output)] = summary.get("run_id")
     return summary
 
 
