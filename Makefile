@@ -100,8 +100,8 @@ $(PETASTORM_DEPS): deploy/petastorm/test-requirements.txt | $(STAMP)
 	rm -rf $@ && $(BIN)/python -m pip install -q --no-deps --target $@ -r deploy/petastorm/test-requirements.txt
 
 test-petastorm: setup $(PETASTORM_DEPS)
-	cd $$(mktemp -d) && PYTHONPATH=$(CURDIR)/deploy/petastorm:$(CURDIR)/$(PETASTORM_DEPS) $(CURDIR)/$(BIN)/python -B \
-		-m pytest -q -p no:cacheprovider -p numpy1_names -k "not ($(PETASTORM_SKIP))" \
+	cd $$(mktemp -d) && PYTHONPATH=$(CURDIR)/deploy/petastorm/harness:$(CURDIR)/$(PETASTORM_DEPS) $(CURDIR)/$(BIN)/python -B \
+		-m pytest -q -p no:cacheprovider --assert=plain -p test_shims -k "not ($(PETASTORM_SKIP))" \
 		--pyargs $(addprefix petastorm.tests.,$(PETASTORM_MODULES))
 
 # The long run of the per-image fuzzer (make test runs a few hundred cases): 100,000 seeded
