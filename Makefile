@@ -92,7 +92,11 @@ browser:
 # Petastorm's own test suite (its wheel ships petastorm/tests) against the patched build: the modules
 # that run here without TensorFlow; the deselected tests exercise what no longer exists (pyarrow's legacy
 # PartitionSet, pytest.warns(None)). deploy/petastorm/README.md lists the results per stack.
-PETASTORM_MODULES := test_unischema test_codec_scalar test_codec_ndarray test_codec_compressed_image
+PETASTORM_MODULES := test_unischema test_codec_scalar test_codec_ndarray test_codec_compressed_image test_end_to_end \
+	test_parquet_reader test_predicates test_pytorch_dataloader test_pytorch_utils test_reader test_generate_metadata \
+	test_dataset_metadata test_decode_row test_transform test_shuffling_buffer test_ngram test_copy_dataset \
+	test_arrow_table_serializer test_pickle_serializer test_disk_cache test_spark_session_cli \
+	test_end_to_end_predicates_impl test_metadata_read test_run_in_subprocess test_spark_utils test_cache
 PETASTORM_SKIP  := test_match_unischema_fields_legacy_warning or test_arrow_schema_convertion_with_string_partitions \
 	or test_arrow_schema_convertion_with_int_partitions
 PETASTORM_DEPS  := .cache/petastorm-test-deps-$(PY_TAG)
