@@ -34,7 +34,7 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
 export SPARK_CONF_DIR := $(CURDIR)/conf/spark
 # spark-submit starts the JVM before the job reads its profile: give it the memory here, and the
 # master with task retries (its implicit local[*] would win over the profile's and allow one attempt).
-SUBMIT := spark-submit --driver-memory 6g --master 'local[*,4]'
+SUBMIT := spark-submit --driver-memory 6g --driver-java-options -XX:+ExitOnOutOfMemoryError --master 'local[*,4]'
 
 # Horovod 0.28.1 patched for torch 2.14 (deploy/horovod/): built once into a cache outside git,
 # installed into the venv only for the tests and for train.backend=horovod.

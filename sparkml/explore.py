@@ -247,8 +247,15 @@ def _map(spark, e, assigned):
     from pyspark.ml.functions import vector_to_array
     from pyspark.sql import functions as F
 
-    sample = assigned.orderBy(F.xxhash64("post_id", F.lit(e.seed)), "post_id").limit(e.tsne_sample) \
-        .select("post_id", "cluster", vector_to_array("features").alias("v")).toPandas()
+    # The sample's ids first, then its vectors once each (float32, as the pass made them): sorting
+    # whole rows made every partition send up to tsne_sample vectors to the driver, which at
+    # pixel features (67,500 values) ran the driver JVM out of heap, and Spark then waits forever.
+    ids = [r["post_id"] for r in assigned.select("post_id").orderBy(F.xxhash64("post_id", F.lit(e.seed)), "post_id")
+           .limit(e.tsne_sample).collect()]
+    picked = spark.createDataFrame(list(enumerate(ids)), "rank int, post_id string")
+    sample = assigned.join(F.broadcast(picked), "post_id").select(
+        "rank", "post_id", "cluster", vector_to_array("features", "float32").alias("v")) \
+        .toPandas().sort_values("rank").reset_index(drop=True)
     xy = tsne(np.stack(sample.v.to_numpy()).astype(np.float32), e.seed, e.perplexity) if len(sample) > 3 else \
         np.zeros((len(sample), 2))
     coords = spark.createDataFrame([(p, float(a), float(b)) for p, (a, b) in zip(sample.post_id, xy)],

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="run the demo stages with local spark-submit")
     demo.add_argument("--config", default="conf/local.yaml")
     demo.add_argument("--only", action="append", help="run only this stage (repeatable)")
-    demo.add_argument("--submit", default=os.environ.get("SUBMIT", "spark-submit --driver-memory 6g --master local[*,4]"),
+    demo.add_argument("--submit", default=os.environ.get(
+        "SUBMIT", "spark-submit --driver-memory 6g --driver-java-options -XX:+ExitOnOutOfMemoryError --master local[*,4]"),
                       help="the spark-submit command and its options (default: $SUBMIT or the Makefile's)")
     ls = sub.add_parser("list", help="print the stages")
     ls.add_argument("--target", choices=[DEMO, CLUSTER], default=CLUSTER)

@@ -29,33 +29,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(autouse=True)
-def _jvm_threads_before_timeout(request):
-    """A minute before pytest-timeout fails a hung test (it prints the Python threads), the Spark
-    driver JVM's threads go to stderr too (jcmd Thread.print): a hang inside a Spark call then
-    shows where the JVM waits."""
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """A minute before pytest-timeout would fail a test (fixtures included), print every Python
+    thread's stack and the Spark driver JVM's threads (jcmd Thread.print), then cancel the running
+    Spark jobs. A test blocked in a Spark call waits in a socket read that pytest-timeout's signal
+    may not interrupt (the signal can land on another thread); cancelled, the call raises and the
+    run goes on instead of hanging until CI's limit."""
+    import faulthandler
     import subprocess
     import threading
 
-    limit = float(request.config.getini("timeout") or 0)
+    limit = float(item.config.getini("timeout") or 0)
 
-    def dump():
+    def rescue():
         from pyspark import SparkContext
 
+        print(f"+++ {item.nodeid} still running after {limit - 60:.0f} s +++", file=sys.__stderr__, flush=True)
+        faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
         sc = SparkContext._active_spark_context
         proc = getattr(getattr(sc, "_gateway", None), "proc", None)
         if proc is not None:
             out = subprocess.run(["jcmd", str(proc.pid), "Thread.print"], capture_output=True, text=True, timeout=60)
-            print(f"+++ Spark driver JVM threads, {request.node.nodeid} still running after {limit - 60:.0f} s +++\n"
-                  + out.stdout + out.stderr, file=sys.__stderr__, flush=True)
+            print("+++ Spark driver JVM threads +++\n" + out.stdout + out.stderr, file=sys.__stderr__, flush=True)
+            sc.cancelAllJobs()
 
-    timer = threading.Timer(limit - 60, dump) if limit > 120 else None
+    timer = threading.Timer(limit - 60, rescue) if limit > 120 else None
     if timer:
         timer.daemon = True
         timer.start()
-    yield
-    if timer:
-        timer.cancel()
+    try:
+        return (yield)
+    finally:
+        if timer:
+            timer.cancel()
 
 
 @pytest.fixture(scope="session")
