@@ -44,7 +44,7 @@ PY_TAG        := cp$(subst .,,$(PY_VERSION))
 HOROVOD_WHEEL := $(WHEELS)/horovod-0.28.1-$(PY_TAG)-$(PY_TAG)-linux_x86_64.whl
 HOROVOD_STAMP := $(VENV)/.horovod
 
-.PHONY: setup demo test test-stack test-petastorm fuzz bundle jars horovod browser clean
+.PHONY: setup demo test test-fast test-stack test-petastorm fuzz bundle jars horovod browser clean
 
 # petastorm 0.13.1 patched for current pyarrow and numpy 2 (deploy/petastorm/): built once into
 # the wheel cache, the only place pip finds version 0.13.1+instalearn1.
@@ -140,6 +140,10 @@ LANE35 := tests/test_config.py tests/test_checkpoint.py tests/test_data.py tests
 # One stack's tests: PYTEST_ARGS picks them (all when empty) and passes pytest's options.
 test-stack: setup jars horovod browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fast tier for development: every test not marked slow, on the default stack (a few minutes).
+test-fast:
+	$(MAKE) --no-print-directory test-stack STACK=spark4 PYTEST_ARGS="-m 'not slow'"
 
 test:
 	$(MAKE) --no-print-directory test-stack STACK=spark4

@@ -28,6 +28,7 @@ def test_export_media_reads_carousels_and_json_escapes():
 
 
 @pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.slow
 def test_instagram_export_ingest(spark, tmp_path, photos, nested):
     from core.lake import Lake, read_summary
 

@@ -44,9 +44,10 @@ def _report(lake: Path) -> Path:
     return lake / "reports" / "explore"
 
 
+@pytest.mark.slow
 def test_pixel_clusters_keep_each_planted_group_whole_in_its_own_cluster(spark, archive):
     lake, truth, groups = archive
-    assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.features=pixels",
+    assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.features=pixels", "--set", "explore.pixels=48",
                    "--set", "explore.k_range=[4,10]", "--set", "explore.map_thumbnails=120") == 0
     rows = spark.read.parquet(str(lake / "tables" / "clusters")).toPandas().set_index("post_id")
     assert set(rows.index) == set(truth["images"]) and len(rows) == 396 + 36
@@ -65,7 +66,7 @@ def test_pixel_clusters_keep_each_planted_group_whole_in_its_own_cluster(spark, 
     assert set(metrics["silhouettes"]) == {"4", "10"} and all(-1 <= v <= 1 for v in metrics["silhouettes"].values())
     assert sum(metrics["sizes"].values()) == len(rows) and metrics["labels"] is None
     assert "needs explore.features=model with weights whose card names the head's classes" in metrics["labels_note"]
-    assert metrics["features"] == "raw pixels 150x150"
+    assert metrics["features"] == "raw pixels 48x48"
     for name in ["tsne.png", "silhouette.png"] + [f"cluster_{c:02d}.png" for c in range(10)]:
         with Image.open(_report(lake) / name) as im:
             assert im.format == "PNG" and min(im.size) >= 150, name
@@ -73,6 +74,7 @@ def test_pixel_clusters_keep_each_planted_group_whole_in_its_own_cluster(spark, 
     assert s["balanced"] and s["input_rows"] == len(rows)
 
 
+@pytest.mark.slow
 def test_network_features_through_the_extraction_code(spark, archive):
     lake, truth, _ = archive
     assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.model=alexnet", "--set", "explore.k=3",
@@ -87,6 +89,7 @@ def test_network_features_through_the_extraction_code(spark, archive):
     assert run_job("explore", "--set", f"lake={lake}", "--set", "explore.model=nonet") == 2
 
 
+@pytest.mark.slow
 def test_real_weights_name_the_clusters_by_what_is_in_them(spark, archive):
     """The profile's exploration: MobileNetV2 features from the shipped ImageNet weights (staged,
     with the card that names its head's classes). The cluster holding most ant photos is labelled

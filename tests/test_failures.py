@@ -113,10 +113,13 @@ def _features(spark, lake: Path, n: int = 90, dim: int = 8, one_class: bool = Fa
     return out
 
 
+# the mechanics of refusals and rejects, not convergence: few optimiser iterations
 SVM = ["--set", "svm.layers=[prelogit]", "--set", "svm.c_grid=[0.01,1.0]", "--set", "svm.sgd_reg_params=[0.01]",
-       "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=10"]
+       "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=10", "--set", "svm.max_iter=10",
+       "--set", "svm.sgd_iterations=10"]
 
 
+@pytest.mark.slow
 def test_03_06_09_15_svm_nan_rows_folds_refusals_and_a_moved_lake(spark, tmp_path, capsys):
     from pyspark.ml import PipelineModel
 
@@ -235,6 +238,7 @@ def test_07_build_dataset_warns_of_one_class(spark, prepared, tmp_path, capsys):
     assert "holds one class only (['chicago'])" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_08_explore_k_is_checked_against_the_distinct_images(spark, photos, tmp_path, capsys):
     folder = tmp_path / "archive"
     folder.mkdir()

@@ -173,6 +173,7 @@ def _ingest(lake: Path, manifest: Path, *sets: str) -> int:
     return ingest(lake, manifest, "manifest", *[f"ingest.http.{k}={v}" for k, v in FAST.items()], *sets)
 
 
+@pytest.mark.slow
 def test_manifest_of_urls_every_url_accounted_and_resumed(spark, served, tmp_path, photos):
     from core.lake import Lake, read_summary
 
@@ -238,6 +239,7 @@ def test_a_thousand_urls_keep_open_files_bounded(spark, served, tmp_path):
     assert s["http"]["peak_open_files"] <= 60 + 32 + 2 * 16 + 40, s["http"]
 
 
+@pytest.mark.slow
 def test_killed_mid_fetch_resumes_without_refetching(spark, photos, tmp_path):
     from core.lake import Lake, read_summary
 

@@ -231,6 +231,7 @@ def test_petastorm_dataset_round_trips(spark, prepared):
     assert again == {p for p, (_, sp) in seen.items() if sp == "test"}
 
 
+@pytest.mark.slow
 def test_dataset_shape_comes_from_the_images_table_not_the_current_config(spark, sample, tmp_path):
     from petastorm import make_reader
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
@@ -249,6 +250,7 @@ def test_dataset_shape_comes_from_the_images_table_not_the_current_config(spark,
 PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 
+@pytest.mark.slow
 def test_dedup_finds_cropped_reposts_of_real_photos(spark, tmp_path):
     """Real photos (no near-duplicates among them) with cropped, re-encoded, rescaled and
     brightened copies: every copy is found, nothing unrelated is joined."""

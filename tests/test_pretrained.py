@@ -41,6 +41,7 @@ def labelled(spark, photos, tmp_path_factory):
     return lake, root, truth
 
 
+@pytest.mark.slow
 def test_a_labelled_folder_is_ingested_with_its_classes_and_splits(spark, labelled):
     lake, _, truth = labelled
     posts = spark.read.parquet(str(lake / "tables" / "posts")).select("post_id", "city", "split").toPandas()
@@ -55,6 +56,7 @@ def test_a_labelled_folder_is_ingested_with_its_classes_and_splits(spark, labell
     assert built["splits"] == want  # the folders' split, kept
 
 
+@pytest.mark.slow
 def test_the_shipped_weights_features_separate_the_classes_under_train_svm(spark, labelled):
     lake, _, truth = labelled
     args = ["--set", f"lake={lake}", "--set", "features.dataset=photos"]
@@ -82,6 +84,7 @@ def test_features_of_any_images_table(spark, labelled):
     assert s["normalisation"] == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
 
 
+@pytest.mark.slow
 def test_a_head_fine_tuned_on_the_frozen_backbone_classifies_held_out_photos_and_score_agrees(spark, labelled):
     lake, root, truth = labelled
     args = ["--set", f"lake={lake}", "--set", "train.dataset=photos", "--set", "train.epochs=2",

@@ -386,6 +386,7 @@ def test_killed_python_worker_is_retried_with_identical_output(spark, prepared, 
 # ---------------------------------------------------------------- a killed driver
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_write_leaves_nothing_that_looks_complete(spark, sample, prepared, tmp_path, capsys):
     import subprocess
     import sys
@@ -422,6 +423,7 @@ def test_driver_killed_mid_write_leaves_nothing_that_looks_complete(spark, sampl
 # ---------------------------------------------------------------- two runs at once
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_output_refuses(spark, sample, tmp_path, capsys):
     import subprocess
     import sys

@@ -30,6 +30,7 @@ def bucket(sample, moto_endpoint):
 
 @pytest.mark.parametrize("layout, source", [("instacities", "s3a://posts/sample"),
                                             ("manifest", f"s3a://posts/sample/{MANIFEST}")])
+@pytest.mark.slow
 def test_ingest_from_s3a_into_an_s3_lake(spark, sample, bucket, s3_sets, layout, source):
     root, truth = sample
     lake = f"s3a://posts/lake-{layout}"
@@ -96,6 +97,7 @@ def _rejected(spark, lake: str) -> list[tuple]:
                   .select("post_id", "reason").collect())
 
 
+@pytest.mark.slow
 def test_ingest_through_an_s3_endpoint_that_fails_part_of_its_requests(spark, sample, moto_endpoint, s3a_bounded,
                                                                       tmp_path):
     """503 SlowDown, 500, connection resets and slow answers on about one request in five, for
@@ -125,6 +127,7 @@ def test_ingest_through_an_s3_endpoint_that_fails_part_of_its_requests(spark, sa
     assert _rejected(spark, "s3a://flaky/lake") == _rejected(spark, clean)
 
 
+@pytest.mark.slow
 def test_an_s3_endpoint_that_keeps_failing_fails_the_run_leaving_nothing_complete(spark, sample, moto_endpoint,
                                                                                   s3a_bounded):
     """The same faults on the images' metadata requests, never recovering: the run fails within a

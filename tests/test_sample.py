@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from core.config import Sample
@@ -21,6 +22,7 @@ def _digest(root: Path) -> str:
     return h.hexdigest()
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     a = Sample(out=str(tmp_path / "a"), posts=60, seed=3, size=96, workers=1)
     generate(a)

@@ -40,6 +40,7 @@ def _scores(spark, lake):
     return spark.read.parquet(lake.table("scores")).toPandas()
 
 
+@pytest.mark.slow
 def test_scores_are_the_training_jobs_evaluation_of_the_same_images(spark, trained):
     from dl import data
     from dl.models import load_model
@@ -73,6 +74,7 @@ def test_scores_are_the_training_jobs_evaluation_of_the_same_images(spark, train
     assert "train_cnn.py --task topics" in s["missing_models"]["topics"]
 
 
+@pytest.mark.slow
 def test_a_folder_of_new_images_with_bad_files_gets_scores_and_rejects(spark, trained, photos, tmp_path):
     lake = trained
     folder = tmp_path / "new photos"
@@ -114,6 +116,7 @@ def test_models_that_do_not_fit_the_input_exit_2(spark, trained, photos, tmp_pat
     assert "no model to score with" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_report_renders_in_a_real_browser(spark, trained, photos, tmp_path):
     """The report of a lake where ingest .. dedup, the city CNN, LDA retrieval, scoring and an
     exploration ran: every section of those, likability listed as not run; opened in headless

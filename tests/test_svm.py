@@ -44,6 +44,7 @@ def photo_features(spark, tmp_path_factory):
     return lake, labels, split
 
 
+@pytest.mark.slow
 def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_features):
     """The same C (Spark regParam = 1/(C n)) on the same folds: test AP within 0.02, for the
     normal and flipped+normal variants; the table's sizes and positive rate are the photos'."""
@@ -69,6 +70,7 @@ def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_f
         assert spark_svc["test_ap"] > labels[test].mean() + 0.2  # the planted signal is learnt
 
 
+@pytest.mark.slow
 def test_the_two_engines_of_the_spark_linear_svc_choose_the_same_c_and_agree(spark, photo_features):
     """svm.engine=tasks (one Spark job, liblinear per (C, fold) task) and spark_ml (CrossValidator
     over Spark ML's L-BFGS) on the same folds: the same C of two, test AP within 0.02 (at C 1e-2

@@ -132,6 +132,7 @@ def test_a_freeze_list_naming_no_module_exits_2(tiny, capsys):
     assert "train.freeze: alexnet has no module 'features.99'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen_layers_stay(tiny):
     """DDP under TorchDistributor and Horovod under horovod.spark.run, 2 processes x batch 8,
     against one inline process accumulating 2 batches of 8 over the same 16 images (the same
@@ -166,6 +167,7 @@ def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen
             assert (hvd[name] - one[name]).abs().max() <= 1e-3 * step + 1e-8, name
 
 
+@pytest.mark.slow
 def test_two_accumulated_batches_of_b_take_the_same_step_as_one_batch_of_2b(tiny):
     from dl.models import load_model
 
@@ -184,6 +186,7 @@ def test_two_accumulated_batches_of_b_take_the_same_step_as_one_batch_of_2b(tiny
         assert (parts[name] - whole[name]).abs().max() <= 1e-3 * moved + 1e-8, name
 
 
+@pytest.mark.slow
 def test_uneven_shards_run_the_same_number_of_batches_on_every_rank_in_barrier_mode(tiny):
     # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5. The
     # ranks run as Spark barrier tasks (train.mode=cluster, TorchDistributor local_mode=False).
@@ -208,6 +211,7 @@ def _descendants_killed(proc: subprocess.Popen) -> int:
     return len(procs)
 
 
+@pytest.mark.slow
 def test_a_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tiny, tmp_path):
     from dl import checkpoint
 
@@ -261,6 +265,7 @@ def test_resume_refuses_checkpoints_made_with_other_settings(tiny, capsys):
     assert "train.batch_size=8 (now 4)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_likability_and_topics_train_with_two_processes_and_export_loadable_models(tiny, spark):
     from dl.models import load_model
 
@@ -370,6 +375,7 @@ def test_a_staged_imagenet_checkpoint_fine_tunes_to_k_classes_and_its_card_trave
     assert {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
     # a fresh driver (the test session's static Spark settings cannot change): barrier stages
     # are refused under dynamic allocation, so the job says so before anything starts
@@ -383,6 +389,7 @@ def test_cluster_mode_under_dynamic_allocation_exits_2_before_training(tiny):
     assert "train.mode=cluster runs a barrier stage, which Spark refuses under dynamic allocation" in out.stderr
 
 
+@pytest.mark.slow
 def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spark, tmp_path):
     """A GPU node without Spark: the driver's spec as JSON, `torchrun -m dl.train spec.json`."""
     from core.config import load_config

@@ -35,6 +35,7 @@ def _top1(net, pre: Preprocessing, images, truth) -> float:
     return float((logits.argmax(1).numpy() == truth).mean())
 
 
+@pytest.mark.slow
 def test_the_cards_normalisation_is_what_makes_the_shipped_weights_work(weights, photos_rgb):
     """On real ant and bee photos the shipped networks name the insect with the normalisation of
     their card (MobileNetV2 x/127.5 - 1, SqueezeNet the Caffe mean); torchvision's usual ImageNet
