@@ -131,7 +131,8 @@ demo: setup
 	@echo "The report: $(CURDIR)/data/lake/reports/index.html"
 
 # The Spark 3.5 lane: the data side, training (DDP and Horovod), faces and S3 on the other stack
-# (the rest is the same code above Spark).
+# (the rest is the same code above Spark): those files' fast tests and their slow ones marked lane35
+# (the two-process DDP + Horovod step, barrier mode, petastorm's plan, S3 lake, features + SVMs, dedup).
 LANE35 := tests/test_config.py tests/test_checkpoint.py tests/test_data.py tests/test_ingest.py \
 	tests/test_images.py tests/test_prepare_dedup.py tests/test_followers.py tests/test_faces.py \
 	tests/test_likability.py tests/test_storage_and_lake.py tests/test_s3.py tests/test_train.py \
@@ -147,7 +148,7 @@ test-fast:
 
 test:
 	$(MAKE) --no-print-directory test-stack STACK=spark4
-	$(MAKE) --no-print-directory test-stack STACK=spark35 PYTEST_ARGS="$(LANE35)"
+	$(MAKE) --no-print-directory test-stack STACK=spark35 PYTEST_ARGS="-m 'not slow or lane35' $(LANE35)"
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

@@ -19,6 +19,7 @@ def cities(spark, prepared):
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_plan_gives_every_rank_the_same_steps_and_refuses_too_few_row_groups(cities):
     from dl.data import DatasetTooSmall, plan, row_group_rows
 

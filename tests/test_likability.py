@@ -147,6 +147,7 @@ def featured(spark, labelled):
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_features_of_the_likability_dataset_equal_a_plain_torch_loop(spark, featured, weights):
     """Every image of the dataset gets its prelogit vector, also mirrored; each equals the one a
     plain loop computes (PIL decode, torchvision's transforms with the normalisation the weights'
@@ -199,6 +200,7 @@ def svm(featured):
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_svm_table_has_every_algorithm_and_the_saved_model_scores_the_same(spark, svm):
     """Every algorithm gets a row per variant, sized as the dataset's splits; the positive rate
     is the test split's; the published figures stand beside ours; each saved PipelineModel

@@ -251,6 +251,7 @@ PHOTOS = ROOT.parent / "shared" / "data" / "photos"
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_dedup_finds_cropped_reposts_of_real_photos(spark, tmp_path):
     """Real photos (no near-duplicates among them) with cropped, re-encoded, rescaled and
     brightened copies: every copy is found, nothing unrelated is joined."""

@@ -31,6 +31,7 @@ def bucket(sample, moto_endpoint):
 @pytest.mark.parametrize("layout, source", [("instacities", "s3a://posts/sample"),
                                             ("manifest", f"s3a://posts/sample/{MANIFEST}")])
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_ingest_from_s3a_into_an_s3_lake(spark, sample, bucket, s3_sets, layout, source):
     root, truth = sample
     lake = f"s3a://posts/lake-{layout}"

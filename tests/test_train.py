@@ -133,6 +133,7 @@ def test_a_freeze_list_naming_no_module_exits_2(tiny, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_two_processes_with_batch_b_take_the_same_step_as_one_with_2b_and_frozen_layers_stay(tiny):
     """DDP under TorchDistributor and Horovod under horovod.spark.run, 2 processes x batch 8,
     against one inline process accumulating 2 batches of 8 over the same 16 images (the same
@@ -187,6 +188,7 @@ def test_two_accumulated_batches_of_b_take_the_same_step_as_one_batch_of_2b(tiny
 
 
 @pytest.mark.slow
+@pytest.mark.lane35
 def test_uneven_shards_run_the_same_number_of_batches_on_every_rank_in_barrier_mode(tiny):
     # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5. The
     # ranks run as Spark barrier tasks (train.mode=cluster, TorchDistributor local_mode=False).
