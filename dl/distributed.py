@@ -110,7 +110,10 @@ class DDP(Single):
         self._dist.barrier()
 
     def close(self) -> None:
+        """Every rank reaches the barrier before any tears its connections down: gloo aborts a
+        process (std::terminate) whose peer closes a pair it is still finishing an exchange on."""
         if self._dist.is_initialized():
+            self._dist.barrier()
             self._dist.destroy_process_group()
 
 
