@@ -6,7 +6,7 @@
     with b.averaged(opt): opt.step()    # the gradients are the ranks' average inside
     b.broadcast(model)                  # every rank starts from rank 0's weights
     loss = b.mean(loss.detach())        # metrics averaged over ranks
-    b.close()
+    b.close()                           # every rank waits for the others, then shuts down
 
 `Single` is one process with no distributed setup. `DDP` is torch.distributed from the
 variables torchrun and TorchDistributor export (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
@@ -160,6 +160,8 @@ class Horovod(Single):
         self.hvd.barrier()
 
     def close(self) -> None:
+        """As DDP.close: every rank at the barrier, then the shutdown."""
+        self.hvd.barrier()
         self.hvd.shutdown()
 
 

@@ -110,8 +110,7 @@ class Run:
         if self.rank0:
             self.results.write_json("metrics.json", result)
             self.results.close()
-        self.b.barrier()
-        self.b.close()
+        self.b.close()  # a barrier first: no rank returns before rank 0 has written the metrics
         return result
 
     def epoch(self, e: int) -> None:
