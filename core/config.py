@@ -244,6 +244,11 @@ class Svm(Section):
                             "svm.task_max_mb")
     task_max_mb: int = Field(256, ge=0, description="training rows x dimensions x 8 bytes up to which svm.engine=auto "
                                                     "takes tasks")
+    baselines: list[Literal["mllib_svmwithsgd", "sklearn_linearsvc", "sklearn_random_forest"]] = Field(
+        ["mllib_svmwithsgd", "sklearn_linearsvc", "sklearn_random_forest"],
+        description="the original's other classifiers, fit beside the Spark LinearSVC (the saved model, always fit) "
+                    "for the report's table; [] fits the Spark LinearSVC only (MLlib's SGD runs a Spark job per "
+                    "iteration, grid point and fold)")
     folds: int = Field(3, ge=2, description="cross-validation folds (Spark, MLlib and scikit-learn share them)")
     train_ratio: float = Field(0.75, gt=0, lt=1, description="trainval: fraction of the training rows fit on")
     c_grid: list[float] = Field(

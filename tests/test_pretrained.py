@@ -61,7 +61,7 @@ def test_the_shipped_weights_features_separate_the_classes_under_train_svm(spark
     lake, _, truth = labelled
     args = ["--set", f"lake={lake}", "--set", "features.dataset=photos"]
     assert run_job("extract_features", *args) == 0
-    assert run_job("train_svm", *args) == 0
+    assert run_job("train_svm", *args, "--set", "svm.baselines=[sklearn_linearsvc]") == 0
     report = json.loads((lake / "reports" / "likability_svm" / "metrics.json").read_text())
     got = {(r["algorithm"], r["variant"]): r["test_ap"] for r in report["results"]}
     assert report["test_positive_rate"]["prelogit"] == pytest.approx(

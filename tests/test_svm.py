@@ -54,8 +54,7 @@ def test_spark_and_sklearn_linear_svms_agree_on_the_same_features(spark, photo_f
     keep = np.array([i not in UNLABELLED for i in range(len(PHOTOS))])
     test, labels = (np.array(split) == "test")[keep], labels[keep]
     assert run_job("train_svm", "--set", f"lake={lake.root}", "--set", "svm.layers=[fc7]",
-                   "--set", "svm.c_grid=[0.0001]", "--set", "svm.sgd_reg_params=[0.0001]", "--set", "svm.sgd_steps=[1.0]",
-                   "--set", "svm.rf_trees=50") == 0
+                   "--set", "svm.c_grid=[0.0001]", "--set", "svm.baselines=[sklearn_linearsvc]") == 0
     report = json.loads((Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.json").read_text())
     got = {(r["algorithm"], r["variant"]): r for r in report["results"]}
     summary = read_summary(spark, lake.model("likability_svm"))
@@ -86,9 +85,12 @@ def test_the_two_engines_of_the_spark_linear_svc_choose_the_same_c_and_agree(spa
     got = {}
     for engine in ("tasks", "spark_ml"):
         assert run_job("train_svm", "--set", f"lake={lake.root}", "--set", "svm.layers=[fc7]",
-                       "--set", "svm.c_grid=[0.00001,0.0001]", "--set", "svm.sgd_reg_params=[0.0001]",
-                       "--set", "svm.sgd_steps=[1.0]", "--set", "svm.rf_trees=10", "--set", f"svm.engine={engine}") == 0
+                       "--set", "svm.c_grid=[0.00001,0.0001]", "--set", "svm.baselines=[]",
+                       "--set", f"svm.engine={engine}") == 0
         report = json.loads((Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.json").read_text())
+        assert {r["algorithm"] for r in report["results"]} == {"spark_linearsvc"}  # svm.baselines=[]: no other fit
+        assert "MLlib SVMWithSGD: not fit (svm.baselines)" in \
+            (Path(lake.report("likability_svm").removeprefix("file:")) / "metrics.md").read_text()
         got[engine] = {r["variant"]: r for r in report["results"] if r["algorithm"] == "spark_linearsvc"}
         assert {r["params"]["engine"] for r in got[engine].values()} == {engine}
         if engine == "tasks":

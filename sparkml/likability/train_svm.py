@@ -354,9 +354,10 @@ def _usable(rows, first_layer: str):
 
 
 def _fit_layer(spark, s, feats, counts: dict, layer: str, variants: tuple, dim: int, models: str):
-    """Every classifier on one layer's features, each variant (normal; flipped+normal): the Spark
-    LinearSVC (saved under models/), MLlib's SGD (normal only) and, up to svm.driver_max_rows
-    training rows, scikit-learn's LinearSVC and random forest. (results, skipped with why)."""
+    """The classifiers on one layer's features, each variant (normal; flipped+normal): the Spark
+    LinearSVC (saved under models/) and the svm.baselines: MLlib's SGD (normal only) and, up to
+    svm.driver_max_rows training rows, scikit-learn's LinearSVC and random forest. (results,
+    skipped with why)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -377,28 +378,30 @@ def _fit_layer(spark, s, feats, counts: dict, layer: str, variants: tuple, dim: 
         labels, scores = spark_scores(model, test)
         results.append(_scored(spark, "spark_linearsvc", layer, variant, params, params.pop("validation"), labels,
                                scores, n, time.perf_counter() - t0, model=model_dir(layer, variant)))
-        if variant == "normal":
+        if variant == "normal" and "mllib_svmwithsgd" in s.baselines:
             got = mllib_sgd(spark, s, train, test)
             results.append(_scored(spark, "mllib_svmwithsgd", layer, variant, got["params"], got["validation"],
                                    got["labels"], got["scores"], n, got["seconds"]))
-        if n <= s.driver_max_rows:
+        local = [a for a in ("sklearn_linearsvc", "sklearn_random_forest") if a in s.baselines]
+        if local and n > s.driver_max_rows:
+            skipped += [{"algorithm": a, "layer": layer, "variant": variant,
+                         "why": f"{n} training rows > svm.driver_max_rows={s.driver_max_rows}"} for a in local]
+        elif local:
             x, y, fold = _arrays(train)
             local_test = local_test or _arrays(test)
             xt, yt, _ = local_test
-            t0 = time.perf_counter()
-            params, svc = sklearn_linear_svc(s, x, y, fold)
-            results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
-                                   params["validation"], yt, svc.decision_function(xt), n,
-                                   time.perf_counter() - t0))
-            t0 = time.perf_counter()
-            forest = sklearn_forest(s, x, y)
-            results.append(_scored(spark, "sklearn_random_forest", layer, variant,
-                                   {"n_estimators": s.rf_trees}, None, yt, forest.predict_proba(xt)[:, 1], n,
-                                   time.perf_counter() - t0))
-        else:
-            skipped += [{"algorithm": a, "layer": layer, "variant": variant,
-                         "why": f"{n} training rows > svm.driver_max_rows={s.driver_max_rows}"}
-                        for a in ("sklearn_linearsvc", "sklearn_random_forest")]
+            if "sklearn_linearsvc" in local:
+                t0 = time.perf_counter()
+                params, svc = sklearn_linear_svc(s, x, y, fold)
+                results.append(_scored(spark, "sklearn_linearsvc", layer, variant, {"C": params["C"]},
+                                       params["validation"], yt, svc.decision_function(xt), n,
+                                       time.perf_counter() - t0))
+            if "sklearn_random_forest" in local:
+                t0 = time.perf_counter()
+                forest = sklearn_forest(s, x, y)
+                results.append(_scored(spark, "sklearn_random_forest", layer, variant,
+                                       {"n_estimators": s.rf_trees}, None, yt, forest.predict_proba(xt)[:, 1], n,
+                                       time.perf_counter() - t0))
         train.unpersist()
     test.unpersist()
     return results, skipped
@@ -442,6 +445,7 @@ def train_svm(spark, cfg):
         "test_positive_rate": positive_rate, "search": s.search, "folds": s.folds, "c_grid": list(s.c_grid),
         "best": {k: best[k] for k in ("layer", "variant", "model", "params", "validation_metric", "test_ap")},
         "features": _provenance(spark, lake, feats), "variants": list(variants), "rf_trees": s.rf_trees,
+        "baselines": list(s.baselines),
         "best_test_ranking": _test_ranking(feats, models, best)}
     md = markdown(body)
     storage.write_bytes(spark, f"{report}/metrics.json", json.dumps(body, indent=1, default=float).encode())
@@ -519,6 +523,7 @@ def markdown(body: dict) -> str:
                       f"{r['test_ap']:.3f} | {r['test_area_under_pr']:.3f} | {r['train_rows']} | {r['test_rows']} | "
                       f"{r['seconds']} |")
     notes = [f"- {TITLES[r['algorithm']]} {r['layer']} {r['variant']}: skipped, {r['why']}" for r in body["skipped"]]
+    notes += [f"- {TITLES[a]}: not fit (svm.baselines)" for a in ALGORITHMS[1:] if a not in body["baselines"]]
     feats = body["features"]
     return ("Likability classifiers: average precision on the test split (scikit-learn's, non-interpolated), ours "
             f"(published in parentheses). Features: {', '.join(feats['model'])}, weights {', '.join(feats['weights'])}"
