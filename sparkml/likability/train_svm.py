@@ -523,7 +523,8 @@ def markdown(body: dict) -> str:
                       f"{r['test_ap']:.3f} | {r['test_area_under_pr']:.3f} | {r['train_rows']} | {r['test_rows']} | "
                       f"{r['seconds']} |")
     notes = [f"- {TITLES[r['algorithm']]} {r['layer']} {r['variant']}: skipped, {r['why']}" for r in body["skipped"]]
-    notes += [f"- {TITLES[a]}: not fit (svm.baselines)" for a in ALGORITHMS[1:] if a not in body["baselines"]]
+    notes += [f"- {TITLES[a]}: not fit (svm.baselines)" for a in ALGORITHMS
+              if a != "spark_linearsvc" and a not in body["baselines"]]
     feats = body["features"]
     return ("Likability classifiers: average precision on the test split (scikit-learn's, non-interpolated), ours "
             f"(published in parentheses). Features: {', '.join(feats['model'])}, weights {', '.join(feats['weights'])}"
