@@ -7,7 +7,8 @@ Flavors:
 - cpu:  torch and torchvision from the PyTorch CPU index (--torch-index), no CUDA libraries;
 - data: no torch, torchvision or tensorboard: the data stages only (ingest .. build_dataset,
         faces, topics, SVMs, report), the smallest.
-pyspark is removed from the archive: the cluster's own Spark is on the executors' PYTHONPATH.
+pyspark is not in the archive (not even installed while building it: petastorm's requirement of it
+is skipped): the cluster's own Spark is on the executors' PYTHONPATH.
 
 The venv's python is a link to the cluster's interpreter (--python-prefix, where bin/python3.X
 lives there: /usr on EMR with python3.X installed by deploy/emr/bootstrap.sh,
@@ -53,6 +54,20 @@ def requirements(flavor: str) -> list[str]:
     return [d for d in deps if _name(d) not in drop]
 
 
+def petastorm_requirements() -> list[str]:
+    """What the patched petastorm wheel (.cache/wheels, built by `make setup`) requires, less its
+    extras and what the cluster's Spark provides."""
+    import zipfile
+
+    found = sorted((ROOT / ".cache" / "wheels").glob("petastorm-*.whl"))
+    if not found:
+        raise SystemExit("bundle: error: no petastorm wheel in .cache/wheels: run `make setup` first")
+    with zipfile.ZipFile(found[-1]) as whl:
+        meta = whl.read(next(n for n in whl.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    reqs = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    return [r for r in reqs if "extra ==" not in r and _name(r) not in REMOVED]
+
+
 def _run(cmd: list, **kw) -> None:
     print("bundle: $", " ".join(str(c) for c in cmd), flush=True)
     subprocess.run([str(c) for c in cmd], check=True, **kw)
@@ -85,9 +100,17 @@ def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_
         pins = {_name(line): line.strip() for line in pinned.read_text().splitlines()
                 if _name(line) in TORCH}
         _run([*pip, "--index-url", torch_index, *pins.values()])
-    _run([*pip, *constraints, *requirements(flavor)])
+    # petastorm's metadata asks for pyspark, which the cluster provides: petastorm goes in without
+    # its dependencies and its other requirements by name, so pip never unpacks Spark (470 MB)
+    reqs = requirements(flavor)
+    _run([*pip, *constraints, *[r for r in reqs if _name(r) != "petastorm"], *petastorm_requirements()])
+    _run([*pip, *constraints, "--no-deps", *[r for r in reqs if _name(r) == "petastorm"]])
     _run([*pip, "--no-deps", wheel])
-    _run([venv / "bin" / "python", "-m", "pip", "uninstall", "-q", "-y", *REMOVED])
+    listed = subprocess.run([venv / "bin" / "python", "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    brought = [n for n in REMOVED if n in {_name(line) for line in listed}]
+    if brought:  # another dependency asked for them: they would shadow the cluster's
+        _run([venv / "bin" / "python", "-m", "pip", "uninstall", "-q", "-y", *brought])
     archive = out / f"instalearn-{version}-{flavor}-py{pyver.replace('.', '')}.tar.gz"
     archive.unlink(missing_ok=True)
     t1 = time.perf_counter()
