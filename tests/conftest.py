@@ -34,21 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# The files that take longest, longest first (pytest --durations=0 on the 2-core CI machine,
-# 2026-12-06): make test's two xdist workers take whole files in collection order, so the long ones
-# go first and the two workers end together instead of one waiting on a long file started last.
-# Order only: within a file tests keep theirs, and no test depends on another file's.
-LONGEST_FIRST = ("test_s3.py", "test_train.py", "test_deploy.py", "test_failures.py", "test_reliability.py",
-                 "test_determinism.py", "test_pretrained.py", "test_svm.py", "test_fetch.py", "test_score.py",
-                 "test_explore.py", "test_prepare_dedup.py", "test_likability.py", "test_data.py",
-                 "test_archive.py", "test_ingest.py", "test_spark_submit.py", "test_weights.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
-
-
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A minute before pytest-timeout would fail a test (fixtures included), print every Python
