@@ -146,7 +146,7 @@ test-stack: setup jars horovod browser
 # module fixtures built once): a third of the suite waits (S3 retry backoffs, pip, child processes),
 # which the other worker fills. The lane and the fast tier run in one process (two gain nothing
 # there: 239 vs 249 s, 287 vs 289 s; their session fixtures would be built twice). xdist's own order
-# (files with most tests first) measured better than longest first: 797 s against 825-870 s.
+# (files with most tests first): longest first measured no better (825-870 s against 797 and 857 s).
 XDIST := -n 2 --dist loadfile
 
 # The fast tier for development: every test not marked slow, on the default stack (a few minutes).
