@@ -103,12 +103,14 @@ def build(flavor: str, out: Path, python: str, python_prefix: str | None, torch_
     # petastorm's metadata asks for pyspark, which the cluster provides: petastorm goes in without
     # its dependencies and its other requirements by name, so pip never unpacks Spark (470 MB)
     reqs = requirements(flavor)
-    _run([*pip, *constraints, *[r for r in reqs if _name(r) != "petastorm"], *petastorm_requirements()])
-    _run([*pip, *constraints, "--no-deps", *[r for r in reqs if _name(r) == "petastorm"]])
+    petastorm = [r for r in reqs if _name(r) == "petastorm"]
+    _run([*pip, *constraints, *[r for r in reqs if r not in petastorm], *petastorm_requirements()])
+    _run([*pip, *constraints, "--no-deps", *petastorm])
     _run([*pip, "--no-deps", wheel])
     listed = subprocess.run([venv / "bin" / "python", "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"],
                             capture_output=True, text=True, check=True).stdout.splitlines()
-    brought = [n for n in REMOVED if n in {_name(line) for line in listed}]
+    installed = {_name(line) for line in listed}
+    brought = [n for n in REMOVED if n in installed]
     if brought:  # another dependency asked for them: they would shadow the cluster's
         _run([venv / "bin" / "python", "-m", "pip", "uninstall", "-q", "-y", *brought])
     archive = out / f"instalearn-{version}-{flavor}-py{pyver.replace('.', '')}.tar.gz"
