@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 
 S3_SCHEMES = ("s3", "s3a", "s3n")
-S3_ATTEMPTS = 6  # tries per executor-side S3 request (pyarrow.fs) before it fails its task
+S3_ATTEMPTS = 6  # tries per executor-side S3 request (pyarrow.fs) before it fails its task, unless AWS_MAX_ATTEMPTS
 
 # The file a completed output carries, written last (core.lake.close_output): its counts, the run
 # that made it and that run's inputs. Readers on either side take an output without it as unfinished.
@@ -94,6 +94,10 @@ def check_reachable(uris: list[str], endpoint: str | None, region: str | None, t
                       if "://" in u and u.split("://", 1)[0] in S3_SCHEMES})
     if not buckets:
         return
+    try:
+        s3_attempts()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     client = boto3.client("s3", endpoint_url=endpoint or None, region_name=region or None,
                           config=botocore.config.Config(connect_timeout=timeout, read_timeout=timeout,
                                                         retries={"max_attempts": 4, "mode": "standard"}))
@@ -194,9 +198,25 @@ def delete(spark, uri: str) -> None:
 # ---------------------------------------------------------------- executor side (pyarrow.fs)
 
 
-@functools.lru_cache(maxsize=16)
+def s3_attempts() -> int:
+    """Tries per executor-side S3 request: AWS_MAX_ATTEMPTS when set (the AWS SDKs' and CLI's own
+    variable; on a cluster spark.executorEnv.AWS_MAX_ATTEMPTS), else S3_ATTEMPTS."""
+    value = os.environ.get("AWS_MAX_ATTEMPTS", "").strip()
+    if not value:
+        return S3_ATTEMPTS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS={value!r}: give a whole number of attempts, 1 or more")
+    return int(value)
+
+
 def arrow_filesystem(scheme: str, endpoint: str | None = None, region: str | None = None) -> pafs.FileSystem:
-    """One filesystem object per worker process and scheme (credentials from the environment)."""
+    """One filesystem object per worker process, scheme, endpoint and region (credentials from the
+    environment)."""
+    return _arrow_filesystem(scheme, endpoint, region, s3_attempts() if scheme in S3_SCHEMES else 0)
+
+
+@functools.lru_cache(maxsize=16)
+def _arrow_filesystem(scheme: str, endpoint: str | None, region: str | None, attempts: int) -> pafs.FileSystem:
     if scheme == "file":
         return pafs.LocalFileSystem()
     if scheme in S3_SCHEMES:
@@ -208,7 +228,7 @@ def arrow_filesystem(scheme: str, endpoint: str | None = None, region: str | Non
             kwargs["region"] = region
         # S3 answers 503 SlowDown under load: more attempts (with the SDK's backoff) than the
         # default 3 before a read fails its task
-        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **kwargs)
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
     if scheme == "gs":
         return pafs.GcsFileSystem()
     raise ValueError(f"unsupported URI scheme {scheme!r}: use a local path, file://, s3://, s3a:// or gs://")

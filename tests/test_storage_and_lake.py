@@ -24,6 +24,28 @@ def test_uris():
     assert storage.arrow_path("s3a://bk/dir/x") == ("s3a", "bk/dir/x")
 
 
+def test_executor_s3_attempts_come_from_aws_max_attempts(monkeypatch):
+    """The executors' pyarrow S3 client tries a request 6 times unless AWS_MAX_ATTEMPTS says
+    otherwise; a bad value is one ConfigError line on the driver before anything runs."""
+    from core.config import ConfigError
+
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
+    assert storage.s3_attempts() == 6
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.s3_attempts() == 2
+    two = storage.arrow_filesystem("s3a", "http://127.0.0.1:1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # a client per number of attempts, not the first one cached
+    assert storage.arrow_filesystem("s3a", "http://127.0.0.1:1") is not two
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.arrow_filesystem("s3a", "http://127.0.0.1:1") is two
+    for bad in ("0", "two", "-1", "2.5"):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", bad)
+        with pytest.raises(ValueError, match="AWS_MAX_ATTEMPTS"):
+            storage.s3_attempts()
+        with pytest.raises(ConfigError, match="AWS_MAX_ATTEMPTS"):
+            storage.check_reachable(["s3a://bucket/lake"], "http://127.0.0.1:1", None)
+
+
 def test_read_many_and_listing(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.jpg").write_bytes(b"abc")
