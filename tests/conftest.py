@@ -34,6 +34,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LANE = "spark35_lane.py"  # make test's Spark 3.5 lane, one long test (tests/spark35_lane.py)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With the spark35 lane collected (make test, under --no-loadscope-reorder): the lane first,
+    so that a pytest-xdist worker starts it at once and the other fills both cores around it,
+    then pytest-xdist's own order (files with the most tests first)."""
+    from collections import Counter
+
+    if any(i.path.name == LANE for i in items):
+        count = Counter(i.path for i in items)
+        items.sort(key=lambda i: (i.path.name != LANE, -count[i.path]))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """A minute before pytest-timeout would fail a test (fixtures included), print every Python
