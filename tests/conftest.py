@@ -121,29 +121,62 @@ def spark(moto_endpoint, tmp_path_factory):
     session.stop()
 
 
+def built_once(tmp_path_factory, name: str, build):
+    """What build(folder) writes into a new folder and returns, made once per test run: under
+    pytest-xdist the first worker to ask builds it in the run's shared temp folder (the others wait
+    on a file lock) and every worker reads it there; the returned value travels as a pickle."""
+    import fcntl
+    import pickle
+    import shutil
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return build(tmp_path_factory.mktemp(name))
+    folder = tmp_path_factory.getbasetemp().parent / name
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = folder.with_suffix(".pickle")
+        if not done.exists():  # (a worker whose build failed leaves no pickle: the next one starts anew)
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            done.write_bytes(pickle.dumps(build(folder)))
+        return pickle.loads(done.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def sample(tmp_path_factory):
-    """A generated sample (150 city posts + planted mess + 80 '#me' posts) shared by the tests."""
+    """A generated sample (150 city posts + planted mess + 80 '#me' posts) shared by the tests,
+    read only (one copy for both pytest-xdist workers)."""
     from core.config import Sample
     from sparkml.sample.make_sample import generate
 
-    out = tmp_path_factory.mktemp("sample") / "s"
-    truth = generate(Sample(out=str(out), posts=150, seed=11, size=320, me_posts=80, workers=2))
-    return out, truth
+    def build(folder: Path):
+        out = folder / "s"
+        return out, generate(Sample(out=str(out), posts=150, seed=11, size=320, me_posts=80, workers=2))
+
+    return built_once(tmp_path_factory, "sample", build)
 
 
 @pytest.fixture(scope="session")
 def prepared(spark, sample, tmp_path_factory):
-    """The sample (manifest layout) through ingest, prepare_images and dedup, shared by the
-    tests of those stages and of the stages that build on them."""
+    """The sample (manifest layout) through ingest, prepare_images and dedup, for the tests of
+    those stages and of the stages that build on them: built once per run, each pytest-xdist
+    worker gets its own copy (module fixtures add their stages' outputs to it)."""
+    import shutil
+
     from core.lake import Lake
     from sparkml.sample.make_sample import MANIFEST
 
     root, truth = sample
+
+    def build(lake: Path) -> str:
+        common = ["--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}", "--set", "source.layout=manifest"]
+        for job in ("ingest", "prepare_images", "dedup"):
+            assert run_job(job, *common) == 0, job
+        return str(lake)
+
+    built = built_once(tmp_path_factory, "lake_built", build)
     lake = tmp_path_factory.mktemp("lake_prep")
-    common = ["--set", f"lake={lake}", "--set", f"source.path={root / MANIFEST}", "--set", "source.layout=manifest"]
-    for job in ("ingest", "prepare_images", "dedup"):
-        assert run_job(job, *common) == 0, job
+    shutil.copytree(built, lake, dirs_exist_ok=True)
     return Lake(str(lake)), truth
 
 

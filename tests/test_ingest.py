@@ -122,17 +122,22 @@ def test_manifest_carries_engagement_fields(manifest_run):
 def test_csv_and_parquet_manifests_with_odd_values(spark, sample, tmp_path):
     root, truth = sample
     imgs = sorted((root / IMG_DIR).rglob("*.jpg"))[:4]
+    # the manifests in a folder of their own (the sample is shared, read only): a relative image
+    # resolves against the manifest's folder, where a copy of the third image lies
+    base, rel = tmp_path / "src", imgs[2].relative_to(root)
+    (base / rel).parent.mkdir(parents=True)
+    shutil.copy(imgs[2], base / rel)
     rows = pd.DataFrame({
         "post_id": ["a1", "a2", "a3", "a4", "a5"],
-        "image": [str(imgs[0]), f"file://{imgs[1]}", str(imgs[2].relative_to(root)), str(imgs[3]), "nope/x.jpg"],
+        "image": [str(imgs[0]), f"file://{imgs[1]}", str(rel), str(imgs[3]), "nope/x.jpg"],
         "caption": ["multi\nline, \"quoted\"", None, "", "ok", "gone"],
         "likes": ["12", "abc", "3.0", None, "1"],
         "followers": ["100", "200", "-1", "7", "1"],
         "posted_at": ["2017-05-01T10:00:00Z", "1500000000", "yesterday", None, None],
     })
-    csv = root / "m.csv"  # relative images resolve against the manifest's folder
+    csv = base / "m.csv"
     rows.to_csv(csv, index=False)
-    pq_path = root / "m.parquet"
+    pq_path = base / "m.parquet"
     rows.to_parquet(pq_path)
     for i, path in enumerate((csv, pq_path)):
         lake = tmp_path / f"lake{i}"
@@ -148,7 +153,7 @@ def test_csv_and_parquet_manifests_with_odd_values(spark, sample, tmp_path):
         assert df.loc["a1", "likes"] == 12 and pd.isna(df.loc["a2", "likes"]) and df.loc["a3", "likes"] == 3
         assert df.loc["a2", "posted_at"] == pd.Timestamp(1500000000, unit="s")
         assert pd.isna(df.loc["a3", "posted_at"])
-        assert df.loc["a3", "image_uri"] == f"file://{imgs[2]}"
+        assert df.loc["a3", "image_uri"] == f"file://{base / rel}"
 
 
 def test_split_layout_and_stray_files(spark, sample, tmp_path):
