@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -119,6 +120,18 @@ def spark(moto_endpoint, tmp_path_factory):
     session = get_session(cfg, app_name="tests")
     yield session
     session.stop()
+
+
+@contextlib.contextmanager
+def machine_lock(name: str):
+    """Held by one test process of this machine at a time (make test runs the spark35 lane beside
+    the spark4 suite: the same test may run in both at once)."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / f"instalearn-tests-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def built_once(tmp_path_factory, name: str, build):
