@@ -29,9 +29,24 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 below the kernel's ephemeral range. Whatever gets it binds it a
+    moment (a server) or seconds (torch's rendezvous, in spawned ranks) after this probe; a port
+    of the ephemeral range (what binding port 0 gives) may meanwhile become the source port of
+    another process's outgoing connection (EADDRINUSE), one below it never does."""
+    import random
+
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    pick = random.SystemRandom()  # not the global generator, which a test may have seeded
+    for _ in range(1000):
+        port = pick.randrange(max(1024, low - 10000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} after 1000 tries")
 
 
 @pytest.hookimpl(wrapper=True)
