@@ -4,7 +4,7 @@
 # Two stacks (pyproject.toml): spark35 (Spark 3.5, Python 3.11, constraints-spark35.txt) for EMR 7 and
 # Dataproc 2.x, and spark4 (Spark 4.0, Python 3.12, constraints.txt) for EMR 8 and Dataproc 3.0/4.0.
 # The default stack lives in .venv, the other in .venv-<stack>: `make demo STACK=spark35`. `make test`
-# runs the whole suite on spark4 and the $(LANE35) subset on spark35.
+# runs the whole suite on spark4 and, as one test of it, tests/spark35_lane.py's files on spark35.
 DEFAULT_STACK := spark4
 STACK ?= $(DEFAULT_STACK)
 ifeq ($(STACK),spark4)
@@ -130,32 +130,25 @@ demo: setup
 	@echo "(cities, likability), reports/, checkpoints/train_city/; each output has a _SUMMARY.json."
 	@echo "The report: $(CURDIR)/data/lake/reports/index.html"
 
-# The Spark 3.5 lane: the data side, training (DDP and Horovod), faces and S3 on the other stack
-# (the rest is the same code above Spark): those files' fast tests and their slow ones marked lane35
-# (the two-process DDP + Horovod step, barrier mode, petastorm's plan, S3 lake, features + SVMs, dedup).
-LANE35 := tests/test_config.py tests/test_checkpoint.py tests/test_data.py tests/test_ingest.py \
-	tests/test_images.py tests/test_prepare_dedup.py tests/test_followers.py tests/test_faces.py \
-	tests/test_likability.py tests/test_storage_and_lake.py tests/test_s3.py tests/test_train.py \
-	tests/test_distributed.py
-
 # One stack's tests: PYTEST_ARGS picks them (all when empty) and passes pytest's options.
 test-stack: setup jars horovod browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# make test's default-stack suite in two pytest-xdist workers, a whole test file each at a time (its
-# module fixtures built once): a third of the suite waits (S3 retry backoffs, pip, child processes),
-# which the other worker fills. The lane and the fast tier run in one process (two gain nothing
-# there: 239 vs 249 s, 287 vs 289 s; their session fixtures would be built twice). xdist's own order
-# (files with most tests first): longest first measured no better (825-870 s against 797 and 857 s).
-XDIST := -n 2 --dist loadfile
+# make test: the whole suite on spark4 in two pytest-xdist workers, a whole test file each at a time
+# (its module fixtures built once), in xdist's own order (files with most tests first; longest first
+# measured no better), and the Spark 3.5 lane (tests/spark35_lane.py: the data side, training, faces
+# and S3 on spark35) as one test of it, handed first to a worker: run after the suite, the lane kept
+# one core busy of two for four minutes; beside it, the other worker fills the second.
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The fast tier for development: every test not marked slow, on the default stack (a few minutes).
 test-fast:
 	$(MAKE) --no-print-directory test-stack STACK=spark4 PYTEST_ARGS="-m 'not slow'"
 
 test:
-	$(MAKE) --no-print-directory test-stack STACK=spark4 PYTEST_ARGS="$(XDIST)"
-	$(MAKE) --no-print-directory test-stack STACK=spark35 PYTEST_ARGS="-m 'not slow or lane35' $(LANE35)"
+	$(MAKE) --no-print-directory setup horovod STACK=spark35
+	$(MAKE) --no-print-directory test-stack STACK=spark4 PYTEST_ARGS="$(XDIST) tests/spark35_lane.py $(wildcard tests/test_*.py)"
+	@tail -n 1 .cache/spark35-lane.log | sed 's/^/spark35 lane: /'
 
 clean:
 	rm -rf data spark-warehouse metastore_db derby.log

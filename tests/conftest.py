@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import socket
@@ -47,6 +48,20 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port below {low} after 1000 tries")
+
+
+LANE = "spark35_lane.py"  # make test's Spark 3.5 lane, one long test (tests/spark35_lane.py)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With the spark35 lane collected (make test, under --no-loadscope-reorder): the lane first,
+    so that a pytest-xdist worker starts it at once and the other fills both cores around it,
+    then pytest-xdist's own order (files with the most tests first)."""
+    from collections import Counter
+
+    if any(i.path.name == LANE for i in items):
+        count = Counter(i.path for i in items)
+        items.sort(key=lambda i: (i.path.name != LANE, -count[i.path]))
 
 
 @pytest.hookimpl(wrapper=True)
@@ -120,6 +135,18 @@ def spark(moto_endpoint, tmp_path_factory):
     session = get_session(cfg, app_name="tests")
     yield session
     session.stop()
+
+
+@contextlib.contextmanager
+def machine_lock(name: str):
+    """Held by one test process of this machine at a time (make test runs the spark35 lane beside
+    the spark4 suite: the same test may run in both at once)."""
+    import fcntl
+    import tempfile
+
+    with open(Path(tempfile.gettempdir()) / f"instalearn-tests-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def built_once(tmp_path_factory, name: str, build):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_job
+from tests.conftest import ROOT, machine_lock, run_job
 
 SIDE, CROP = 72, 64  # AlexNet needs 63 px at least; small images keep CPU steps short
 TOPICS = 6
@@ -192,9 +192,13 @@ def test_two_accumulated_batches_of_b_take_the_same_step_as_one_batch_of_2b(tiny
 def test_uneven_shards_run_the_same_number_of_batches_on_every_rank_in_barrier_mode(tiny):
     # train row groups 12, 5, 9 over 2 ranks: rank 0 holds 12 + 9 rows, rank 1 holds 5. The
     # ranks run as Spark barrier tasks (train.mode=cluster, TorchDistributor local_mode=False).
-    assert run_job("train_cnn", "--task", "city", "--preset", "city-scratch",
-                   *_sets(tiny, dataset="uneven", batch_size=2, processes=2, epochs=2, checkpoint_every=0,
-                          mode="cluster")) == 0
+    # Spark's barrier mode picks the rendezvous port by binding port 0 and closing it; torchrun
+    # binds it seconds later: two such runs side by side (this test on both stacks) once took each
+    # other's port (EADDRINUSE), so one runs at a time.
+    with machine_lock("barrier-training"):
+        assert run_job("train_cnn", "--task", "city", "--preset", "city-scratch",
+                       *_sets(tiny, dataset="uneven", batch_size=2, processes=2, epochs=2, checkpoint_every=0,
+                              mode="cluster")) == 0
     s = _summary(tiny, "city")
     assert s["batches_per_epoch"] == 2 and s["iterations"] == 4 and len(s["history"]) == 2
     assert s["test"]["rows"] == 7 and s["splits"] == {"train": 26, "val": 11, "test": 7}
