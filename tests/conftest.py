@@ -25,6 +25,13 @@ os.environ.update({
 # spinning pool burns the CPU the other process waits for (two test_weights.py side by side: 39.7 s
 # spinning, 26.3 s sleeping; alone 16.7 s and 17.3 s). Set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Every Spark JVM the tests start (the session's, spark-submit children's, the spark35 lane's:
+# spark-submit adds SPARK_SUBMIT_OPTS to the driver's java command) compiles with C1 only. Test
+# JVMs run minutes on small data: C2's compiler threads were ~45% of a session JVM's CPU
+# (test_pretrained.py alone: JVM 53 -> 31 core-s, the file 133 -> 111; test_prepare_dedup.py +
+# test_reliability.py 212 -> 180 core-s, wall 126 -> 130 s). Results do not depend on the JIT tier;
+# users' jobs keep the JVM's default (C2 pays off on real data).
+os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 
