@@ -146,30 +146,34 @@ def spark(moto_endpoint, tmp_path_factory):
 
 
 @contextlib.contextmanager
+def file_lock(path: str | Path):
+    """Held by one process at a time (an exclusive flock on path, released when the block ends)."""
+    import fcntl
+
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def machine_lock(name: str):
     """Held by one test process of this machine at a time (make test runs the spark35 lane beside
     the spark4 suite: the same test may run in both at once)."""
-    import fcntl
     import tempfile
 
-    with open(Path(tempfile.gettempdir()) / f"instalearn-tests-{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    return file_lock(Path(tempfile.gettempdir()) / f"instalearn-tests-{name}.lock")
 
 
 def built_once(tmp_path_factory, name: str, build):
     """What build(folder) writes into a new folder and returns, made once per test run: under
     pytest-xdist the first worker to ask builds it in the run's shared temp folder (the others wait
     on a file lock) and every worker reads it there; the returned value travels as a pickle."""
-    import fcntl
     import pickle
     import shutil
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return build(tmp_path_factory.mktemp(name))
     folder = tmp_path_factory.getbasetemp().parent / name
-    with open(f"{folder}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with file_lock(f"{folder}.lock"):
         done = folder.with_suffix(".pickle")
         if not done.exists():  # (a worker whose build failed leaves no pickle: the next one starts anew)
             shutil.rmtree(folder, ignore_errors=True)
