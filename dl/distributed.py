@@ -110,24 +110,11 @@ class DDP(Single):
         self._dist.barrier()
 
     def close(self) -> None:
-        """No rank tears its connections down before every rank is through the last collective:
-        gloo aborts a process (std::terminate) whose peer closes a pair it is still finishing an
-        exchange on, and a barrier's last message can still be on its way in one rank when the
-        other returns (a two-rank test aborted so under load, barrier alone). So each rank says in
-        the rendezvous store that it is through, and waits for the others; rank 0, whose process
-        serves the store, leaves last, once the others said they are leaving (a store barrier, as
-        Paddle's collective shutdown does)."""
-        if not self._dist.is_initialized():
-            return
-        self._dist.barrier()
-        store = self._dist.distributed_c10d._get_default_store()
-        store.set(f"instalearn/through/{self.rank}", "1")
-        store.wait([f"instalearn/through/{r}" for r in range(self.size)])
-        if self.rank == 0:
-            store.wait([f"instalearn/leaving/{r}" for r in range(1, self.size)])
-        else:
-            store.set(f"instalearn/leaving/{self.rank}", "1")
-        self._dist.destroy_process_group()
+        """Every rank reaches the barrier before any tears its connections down: gloo aborts a
+        process (std::terminate) whose peer closes a pair it is still finishing an exchange on."""
+        if self._dist.is_initialized():
+            self._dist.barrier()
+            self._dist.destroy_process_group()
 
 
 class Horovod(Single):
