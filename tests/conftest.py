@@ -33,7 +33,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # (119 -> 146); make test 1,806 -> 1,612 core-s. Results do not depend on the JIT tier; users' jobs
 # keep the JVM's default (C2 pays off on real data).
 os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
-# Spark binds to the loopback: every connection of a test run is on 127.0.0.1, and barrier-mode
+# Spark binds to the loopback, where nearly all of a test run's connections are, and barrier-mode
 # TorchDistributor checks its rendezvous port by binding the executor's address with port 0, then
 # torchrun listens on that port on every address. On the machine's other address (Spark's default
 # here) the check passed ports that loopback connections held, and torchrun failed with EADDRINUSE.
