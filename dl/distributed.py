@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -111,10 +113,12 @@ class DDP(Single):
 
     def close(self) -> None:
         """Every rank reaches the barrier before any tears its connections down: gloo aborts a
-        process (std::terminate) whose peer closes a pair it is still finishing an exchange on."""
+        process (std::terminate) whose peer closes a pair it is still finishing an exchange on.
+        Then the rank waits for gloo's worker threads to let go of the last collectives."""
         if self._dist.is_initialized():
             self._dist.barrier()
             self._dist.destroy_process_group()
+            _wait_for_gloo_workers()
 
 
 class Horovod(Single):
@@ -163,6 +167,34 @@ class Horovod(Single):
         """As DDP.close: every rank at the barrier, then the shutdown."""
         self.hvd.barrier()
         self.hvd.shutdown()
+
+
+def _wait_for_gloo_workers(timeout_s: float = 5.0, idle_polls: int = 3) -> None:
+    """Returns once gloo's worker threads (named pt_gloo_runloop) have slept through `idle_polls`
+    polls 10 ms apart, the GIL free between them, or after timeout_s; at once where there is no
+    /proc (not Linux) or no such thread (NCCL).
+
+    A worker thread lets go of a collective's work only after the rank has moved on, and the work
+    holds the tensors Python handed it: freeing one whose Python object is gone takes the GIL. When
+    that thread gets the CPU only once the interpreter is finalizing (a loaded machine), CPython
+    3.11 and 3.12 end it with pthread_exit inside a C++ destructor, and std::terminate kills a rank
+    whose work is done (SIGABRT, "terminate called without an active exception"; gdb on the core:
+    ProcessGroupGloo::runLoop -> ~AsyncBarrierWork -> ~AsyncAllreduceWork ->
+    TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread). destroy_process_group leaves
+    these threads running and torch has no call that joins them, so the rank sleeps until they are
+    idle: a runnable thread shows R in /proc, and one waiting for the GIL gets it while we sleep."""
+    tasks = Path("/proc/self/task")
+    deadline, idle = time.monotonic() + timeout_s, 0
+    while idle < idle_polls and time.monotonic() < deadline:
+        try:
+            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()
+                      if (t / "comm").read_text().strip() == "pt_gloo_runloop"]
+        except OSError:  # no /proc, or a thread that ended between the listing and the read
+            states = [] if not tasks.exists() else ["?"]
+        if not states:
+            return
+        idle = idle + 1 if all(s == "S" for s in states) else 0
+        time.sleep(0.01)
 
 
 def _cuda(gpu: bool | None) -> bool:
