@@ -135,8 +135,8 @@ test-stack: setup jars horovod browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # make test: the whole suite on spark4 in two pytest-xdist workers, a whole test file each at a time
-# (its module fixtures built once), in xdist's own order (files with most tests first; longest first
-# measured no better), and the Spark 3.5 lane (tests/spark35_lane.py: the data side, training, faces
+# (its module fixtures built once), longest first (tests/conftest.py: by file, the run ends on short
+# files), and the Spark 3.5 lane (tests/spark35_lane.py: the data side, training, faces
 # and S3 on spark35) as one test of it, handed first to a worker: run after the suite, the lane kept
 # one core busy of two for four minutes; beside it, the other worker fills the second.
 XDIST := -n 2 --dist loadfile --no-loadscope-reorder --durations=25
