@@ -117,7 +117,8 @@ def spark_linear_svc(spark, s, train, n: int, path: str) -> tuple[dict, object]:
     from pyspark.ml.classification import LinearSVC
     from pyspark.ml.evaluation import BinaryClassificationEvaluator
     from pyspark.ml.feature import StandardScaler
-    from pyspark.ml.tuning import CrossValidator, ParamGridBuilder, TrainValidationSplit
+    from pyspark.ml.tuning import (CrossValidator, CrossValidatorModel, ParamGridBuilder, TrainValidationSplit,
+                                   TrainValidationSplitModel)
 
     svc = LinearSVC(featuresCol="scaled", labelCol="label", maxIter=s.max_iter, tol=s.tol,
                     standardization=False)  # the pipeline's scaler already standardised
@@ -132,7 +133,14 @@ def spark_linear_svc(spark, s, train, n: int, path: str) -> tuple[dict, object]:
     else:
         tuner = TrainValidationSplit(estimator=pipe, estimatorParamMaps=grid, evaluator=evaluator,
                                      trainRatio=s.train_ratio, parallelism=s.parallelism, seed=s.seed)
-    fitted = tuner.fit(train)
+    # The JVM's tuner, not pyspark's: pyspark's fits its `parallelism` models in Python threads
+    # that all share one copy of the caller's Spark local properties, so two fits running at once
+    # race on the SQL execution ids kept there (make test, Spark 4.0: "NumberFormatException:
+    # Cannot parse null string" in SQLExecution.withNewExecutionId0). The JVM's tuner threads
+    # each inherit a copy of their own. Same params, folds and metric; svm.search=trainval's one
+    # random split is now the JVM's (Dataset.randomSplit with svm.seed).
+    fitted = (CrossValidatorModel if s.search == "crossval" else TrainValidationSplitModel)._from_java(
+        tuner._to_java().fit(train._jdf))
     metrics = fitted.avgMetrics if s.search == "crossval" else fitted.validationMetrics
     best = int(np.argmax(metrics))
     model = fitted.bestModel
