@@ -169,10 +169,26 @@ class Horovod(Single):
         self.hvd.shutdown()
 
 
+def gloo_worker_threads() -> dict[int, str]:
+    """This process's gloo worker threads (torch names them pt_gloo_runloop): thread id -> its
+    scheduler state from /proc (R runnable, S sleeping, ...); empty without /proc or without gloo."""
+    try:
+        tasks = list(Path("/proc/self/task").iterdir())
+    except OSError:
+        return {}
+    threads = {}
+    for t in tasks:
+        try:
+            if (t / "comm").read_text().strip() == "pt_gloo_runloop":
+                threads[int(t.name)] = (t / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:  # the thread ended between the listing and the read
+            continue
+    return threads
+
+
 def _wait_for_gloo_workers(timeout_s: float = 5.0, idle_polls: int = 3) -> None:
-    """Returns once gloo's worker threads (named pt_gloo_runloop) have slept through `idle_polls`
-    polls 10 ms apart, the GIL free between them, or after timeout_s; at once where there is no
-    /proc (not Linux) or no such thread (NCCL).
+    """Returns once gloo's worker threads have slept through `idle_polls` polls 10 ms apart, the
+    GIL free between them, or after timeout_s; at once where there are none (NCCL, not Linux).
 
     A worker thread lets go of a collective's work only after the rank has moved on, and the work
     holds the tensors Python handed it: freeing one whose Python object is gone takes the GIL. When
@@ -183,14 +199,9 @@ def _wait_for_gloo_workers(timeout_s: float = 5.0, idle_polls: int = 3) -> None:
     TensorImpl::decref_pyobject -> take_gil -> PyThread_exit_thread). destroy_process_group leaves
     these threads running and torch has no call that joins them, so the rank sleeps until they are
     idle: a runnable thread shows R in /proc, and one waiting for the GIL gets it while we sleep."""
-    tasks = Path("/proc/self/task")
     deadline, idle = time.monotonic() + timeout_s, 0
     while idle < idle_polls and time.monotonic() < deadline:
-        try:
-            states = [(t / "stat").read_text().rsplit(")", 1)[1].split()[0] for t in tasks.iterdir()
-                      if (t / "comm").read_text().strip() == "pt_gloo_runloop"]
-        except OSError:  # no /proc, or a thread that ended between the listing and the read
-            states = [] if not tasks.exists() else ["?"]
+        states = gloo_worker_threads().values()
         if not states:
             return
         idle = idle + 1 if all(s == "S" for s in states) else 0

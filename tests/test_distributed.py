@@ -3,7 +3,6 @@ process with batch 2b; metrics average over ranks; ranks exit cleanly with gloo'
 starved; one process needs no setup."""
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -32,8 +31,9 @@ def _starve_gloo_workers() -> None:
     """gloo's worker threads at the lowest priority, as on a busy machine: they let go of the last
     collectives' work late, maybe while the interpreter is finalizing, where freeing it aborts
     the rank (SIGABRT). Before DDP.close waited for them this test failed in 2 of 12 runs."""
-    workers = [int(t.name) for t in Path("/proc/self/task").iterdir()
-               if (t / "comm").read_text().strip() == "pt_gloo_runloop"]
+    from dl.distributed import gloo_worker_threads
+
+    workers = gloo_worker_threads()
     assert workers, "no gloo worker thread found: the starving below would test nothing"
     for tid in workers:
         os.setpriority(os.PRIO_PROCESS, tid, 19)
