@@ -99,7 +99,8 @@ def pytest_runtest_protocol(item, nextitem):
     import subprocess
     import threading
 
-    limit = float(item.config.getini("timeout") or 0)
+    marked = item.get_closest_marker("timeout")
+    limit = float(marked.args[0] if marked else item.config.getini("timeout") or 0)
 
     def rescue():
         from pyspark import SparkContext

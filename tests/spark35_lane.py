@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 VENV = ROOT / ".venv-spark35"
 LOG = ROOT / ".cache" / "spark35-lane.log"
@@ -49,6 +51,10 @@ def run(log: Path = LOG) -> int:
         return subprocess.run(command(), cwd=ROOT, env=environment(), stdout=out, stderr=subprocess.STDOUT).returncode
 
 
+# The lane's own tests keep the 900 s limit each; the lane as a whole ran past 900 s on a slower 2-core
+# machine and failed the run (2026-12-06, AMD EPYC, where make test's tests took 2,464 s; 832-891 s on
+# the Intel Xeon machine of the same day). Its failures come from its own tests, not from this limit.
+@pytest.mark.timeout(3600)
 def test_the_spark35_lane():
     rc = run()
     assert rc == 0, f"the spark35 lane failed (exit {rc}); its log ({LOG}) ends:\n{LOG.read_text()[-8000:]}"
