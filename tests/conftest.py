@@ -100,7 +100,8 @@ def pytest_runtest_protocol(item, nextitem):
     import threading
 
     marked = item.get_closest_marker("timeout")
-    limit = float(marked.args[0] if marked else item.config.getini("timeout") or 0)
+    limit = float(marked.kwargs.get("timeout", marked.args[0] if marked.args else 0) if marked
+                  else item.config.getini("timeout") or 0)  # @pytest.mark.timeout(N) or (timeout=N)
 
     def rescue():
         from pyspark import SparkContext
