@@ -32,7 +32,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # test_reliability.py 212 -> 180), while only Spark ML's L-BFGS loops in test_svm.py run slower
 # (119 -> 146); make test 1,806 -> 1,612 core-s. Results do not depend on the JIT tier; users' jobs
 # keep the JVM's default (C2 pays off on real data).
-os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1")
+# The serial collector and no code cache flushing, also for test JVMs only: on test_prepare_dedup.py
+# G1's threads took 22 core-s (the serial collector's VM thread 8), the code cache sweeper 9, and
+# the compiler threads 28 of which half recompiled what the sweeper had flushed (15 without
+# flushing); the file 326 and 338 -> 278 and 285 core-s, test_explore.py 213 -> 189, make test's
+# tests 2,464 and 2,604 -> 2,351 s (2026-12-07, AMD EPYC 2-core VM).
+os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:-UseCodeCacheFlushing")
 # Spark binds to the loopback, where nearly all of a test run's connections are, and barrier-mode
 # TorchDistributor checks its rendezvous port by binding the executor's address with port 0, then
 # torchrun listens on that port on every address. On the machine's other address (Spark's default
@@ -155,6 +160,10 @@ def spark(moto_endpoint, tmp_path_factory):
     cfg = load_config(ROOT / "conf" / "local.yaml", [
         f"lake={tmp_path_factory.mktemp('lake')}",
         "spark.master=local[2, 4]", "spark.driver.memory=3g", "spark.sql.shuffle.partitions=4",
+        # One session runs a whole file's queries: Spark's cache of generated code (100 classes by
+        # default) evicted and recompiled them (test_prepare_dedup.py: 1,256 Janino compiles, 14 s;
+        # 428 and 7 s with 2,000 entries, CodegenMetrics).
+        "spark.sql.codegen.cache.maxEntries=2000",
         f"spark.jars={','.join(str(j) for j in jars)}",
         f"s3.endpoint={moto_endpoint}", "s3.path_style_access=true",
     ])
