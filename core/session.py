@@ -22,6 +22,8 @@ DEFAULTS = {
     # Parquet files written with legacy-compatible list/map encodings read everywhere
     # (petastorm's pyarrow 14 reader included).
     "spark.sql.parquet.writeLegacyFormat": "false",
+    # pyspark's daemon with the archives on the workers' path read once, not before every task
+    "spark.python.daemon.module": "core.pyspark_daemon",
 }
 
 

@@ -356,15 +356,15 @@ def test_killed_python_worker_is_retried_with_identical_output(spark, prepared, 
     shutil.copytree(Path(lake.table("posts")[len("file://"):]), work / "tables" / "posts")
     assert spark.sparkContext.master.replace(" ", "").endswith(",4]"), spark.sparkContext.master
     killed = []
+    daemon = f"-m {spark.sparkContext.getConf().get('spark.python.daemon.module', 'pyspark.daemon')}"
 
     def killer():
         deadline = time.time() + 120
         me = psutil.Process()
         while time.time() < deadline and not killed:
             for p in me.children(recursive=True):
-                try:
-                    if "pyspark.daemon" in " ".join(p.cmdline()) and p.parent() and \
-                            "pyspark.daemon" in " ".join(p.parent().cmdline()):
+                try:  # a worker: a process the daemon forked (both show the daemon's command line)
+                    if daemon in " ".join(p.cmdline()) and p.parent() and daemon in " ".join(p.parent().cmdline()):
                         time.sleep(1.0)  # let it start on its rows
                         os.kill(p.pid, signal.SIGKILL)
                         killed.append(p.pid)

@@ -106,3 +106,28 @@ def test_session_is_shared_and_arrow_is_on(spark, moto_endpoint):
     assert conf["spark.hadoop.fs.s3a.endpoint"] == moto_endpoint
     assert conf["spark.hadoop.fs.s3a.path.style.access"] == "true"
     assert conf["spark.hadoop.fs.s3a.connection.ssl.enabled"] == "false"
+
+
+def test_python_workers_keep_their_archives_read_and_import_the_installed_pyspark(spark):
+    """core.pyspark_daemon: a task's importlib.invalidate_caches() (pyspark's worker calls it before
+    each task) leaves every archive importer's directory as read (Python up to 3.12 reads the
+    archive again); pyspark comes from the package the driver imports, not from the zip inside it."""
+    import pyspark
+
+    def probe(_):
+        import importlib
+        import sys
+        import zipimport
+
+        import pyspark as worker_pyspark
+
+        archives = [f.archive for f in sys.path_importer_cache.values() if isinstance(f, zipimport.zipimporter)]
+        before = [id(zipimport._zip_directory_cache.get(a)) for a in archives]
+        importlib.invalidate_caches()
+        after = [id(zipimport._zip_directory_cache.get(a)) for a in archives]
+        yield worker_pyspark.__file__, archives, before == after
+
+    (file, archives, kept), = spark.sparkContext.parallelize([0], 1).mapPartitions(probe).collect()
+    assert file == pyspark.__file__ and ".zip" not in file
+    assert any(a.endswith("pyspark.zip") for a in archives) and kept, archives
+    assert spark.sparkContext.getConf().get("spark.python.daemon.module") == "core.pyspark_daemon"
