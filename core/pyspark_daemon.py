@@ -6,8 +6,8 @@ zipimporter's invalidate_caches reads its archive's whole directory again (3.13 
 with Spark's pyspark.zip (3 MB) on the path that took a third of the Python workers' CPU in
 tests/test_prepare_dedup.py (py-spy, 2026-12-07); on Spark 3.5, whose workers' path also reaches
 into spark-core's jar (15 MB), more. An archive a worker reads does not change while the daemon runs
-(Spark's own, the application's --py-files, a file SparkContext.addPyFile fetched: Spark refuses to
-replace a file it fetched under the same name), so the workers' archive importers keep what they read.
+(Spark's own, the application's --py-files, a file SparkContext.addPyFile fetched: Spark does not
+add a path again), so the workers' archive importers keep what they read.
 
 Where pyspark is installed as a package (pip, a bundle's venv in local mode), Spark still puts the
 copy of it zipped inside that package first on the path: those two archives go after the package,
@@ -38,14 +38,10 @@ def _inside_installed_pyspark(entry: str) -> bool:
             and os.path.dirname(package) in sys.path)
 
 
-def _unchanging(path: str) -> _Unchanging:
-    return _Unchanging(path)  # ZipImportError (an ImportError) for what is not in an archive: the next hook
-
-
 def settle_path() -> None:
     """Archive importers made from here on (sys.path_hooks) and those made already keep what they
     read; pyspark's own archives go after the installed package."""
-    sys.path_hooks.insert(0, _unchanging)
+    sys.path_hooks.insert(0, _Unchanging)  # what is not in an archive: ZipImportError, the next hook
     for entry, finder in list(sys.path_importer_cache.items()):
         if type(finder) is zipimport.zipimporter:
             sys.path_importer_cache[entry] = _Unchanging(entry)
