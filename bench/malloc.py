@@ -1,5 +1,5 @@
 """Feature extraction under glibc's malloc settings, measured in one run: MobileNetV2 prelogit
-features of 256 of ../shared/data/photos, mirrored (the demo's extract_features settings: 128
+features (random init) of 256 of ../shared/data/photos, mirrored (the demo's extract_features settings: 128
 images per forward pass), through sparkml.extract_features.extract on one core, each setting in a
 fresh process (glibc reads GLIBC_TUNABLES when a process starts). The baseline is glibc's
 defaults; the others keep freed memory in the heap: blocks under 32 MiB (mmap_threshold), or all
