@@ -87,11 +87,11 @@ def _env() -> dict:
     return dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_CONF_DIR=str(ROOT / "conf" / "spark"))
 
 
-def run_python(code: str, tag: str, pin_one_core: bool = False) -> list[float]:
-    """Run `code` in a fresh Python process (its own JVM / memory peak); return the numbers it
-    prints after `tag` on one line."""
+def run_python(code: str, tag: str, pin_one_core: bool = False, env: dict[str, str] | None = None) -> list[float]:
+    """Run `code` in a fresh Python process (its own JVM / memory peak; `env` added to its
+    environment); return the numbers it prints after `tag` on one line."""
     cmd = (["taskset", "-c", "0"] if pin_one_core else []) + [sys.executable, "-c", code]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, cwd=ROOT)
     line = [x for x in out.stdout.splitlines() if x.startswith(tag + " ")]
     if not line:
         raise SystemExit(out.stderr[-2000:])

@@ -1,10 +1,10 @@
 """Feature extraction under glibc's malloc settings, measured in one run: MobileNetV2 prelogit
-features (random init) of 256 of ../shared/data/photos, mirrored (the demo's extract_features settings: 128
-images per forward pass), through sparkml.extract_features.extract on one core, each setting in a
-fresh process (glibc reads GLIBC_TUNABLES when a process starts). The baseline is glibc's
-defaults; the others keep freed memory in the heap: blocks under 32 MiB (mmap_threshold), or all
-(mmap_max=0), with up to 256 MiB free at the heap's top kept. Prints images/s, user and system CPU,
-the peak resident memory, and each setting's ratio to the defaults.
+features (random init) of 256 of ../shared/data/photos, mirrored (the demo's extract_features
+settings: 128 images per forward pass), through sparkml.extract_features.extract on one core, each
+setting in a fresh process (glibc reads GLIBC_TUNABLES when a process starts). The baseline is
+glibc's defaults; the others keep freed memory in the heap: blocks under 32 MiB (mmap_threshold),
+or all (mmap_max=0), with up to 256 MiB free at the heap's top kept. Prints images/s, user and
+system CPU, the peak resident memory, and each setting's ratio to the defaults.
 
 A Spark job's Python workers take a setting from the executors' environment
 (spark.executorEnv.GLIBC_TUNABLES=...; on YARN that reaches the executor JVM too).
@@ -15,15 +15,11 @@ A Spark job's Python workers take a setting from the executors' environment
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 
-from _common import ROOT, header
+from _common import header, run_python
 
 CHILD = """
-import json, resource, sys, time
+import resource, sys, time
 sys.path.insert(0, "bench")
 from _common import single_core
 single_core()
@@ -35,8 +31,7 @@ r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
 for i in range(0, 256, 64):
     extract([decode(b) for b in jpegs[i:i + 64]], "mobilenet_v2", "none", ("prelogit",), True)
 seconds, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"rate": 256 / seconds, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
-                  "maxrss_mib": r1.ru_maxrss >> 10}))
+print("RESULT", 256 / seconds, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_maxrss >> 10)
 """
 
 
@@ -48,9 +43,8 @@ SETTINGS = {
 
 
 def measure(tunables: str) -> dict:
-    env = {**os.environ, "GLIBC_TUNABLES": tunables}
-    out = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
+    rate, user, system, maxrss_mib = run_python(CHILD, "RESULT", env={"GLIBC_TUNABLES": tunables})
+    return {"rate": rate, "user": user, "sys": system, "maxrss_mib": int(maxrss_mib)}
 
 
 def main() -> None:
