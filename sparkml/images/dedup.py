@@ -332,8 +332,12 @@ def components(edges: DataFrame) -> DataFrame:
         length, value = _order_key(c)
         return F.struct(length.alias("n"), value.alias("s"))
 
+    # Checkpointed, not persisted: every round's queries then start from these rows instead of
+    # carrying the plan that found the edges (a cached frame's plan is nested in every plan over
+    # it: persisted, the rounds' queries of test_prepare_dedup.py's dedups put 167 MB of plan text
+    # in Spark's event log, up to 2.7 MB a query, each string built on the driver).
     both = edges.select(F.col("a").alias("u"), F.col("b").alias("v")) \
-        .union(edges.select(F.col("b").alias("u"), F.col("a").alias("v"))).persist()
+        .union(edges.select(F.col("b").alias("u"), F.col("a").alias("v"))).localCheckpoint()
     labels = both.select("u").distinct().withColumn("label", F.col("u")).localCheckpoint()
     while True:
         seen = both.join(labels.toDF("v", "lv"), "v").groupBy("u").agg(F.min(key("lv")).alias("m"))
@@ -344,7 +348,6 @@ def components(edges: DataFrame) -> DataFrame:
         labels = jumped
         if not changed:
             break
-    both.unpersist()
     return labels.select(F.col("u").alias("post_id"), F.col("label").alias("canonical"))
 
 
