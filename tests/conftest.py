@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
@@ -29,15 +30,49 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # spark-submit adds SPARK_SUBMIT_OPTS to the driver's java command) compiles with C1 only. Test
 # JVMs run minutes on small data: C2's compiler threads took 25 of a session JVM's 53 core-s on
 # test_pretrained.py alone (the file 133 -> 111 core-s with C1; test_prepare_dedup.py +
-# test_reliability.py 212 -> 180), while only Spark ML's L-BFGS loops in test_svm.py run slower
-# (119 -> 146); make test 1,806 -> 1,612 core-s. Results do not depend on the JIT tier; users' jobs
-# keep the JVM's default (C2 pays off on real data).
+# test_reliability.py 212 -> 180); make test 1,806 -> 1,612 core-s. Results do not depend on the
+# JIT tier; users' jobs keep the JVM's default (C2 pays off on real data).
 # The serial collector and no code cache flushing, also for test JVMs only: on test_prepare_dedup.py
 # G1's threads took 22 core-s (the serial collector's VM thread 8), the code cache sweeper 9, and
 # the compiler threads 28 of which half recompiled what the sweeper had flushed (15 without
 # flushing); the file 326 and 338 -> 278 and 285 core-s, test_explore.py 213 -> 189, make test's
-# tests 2,464 and 2,604 -> 2,351 s (2026-12-07, AMD EPYC 2-core VM).
-os.environ.setdefault("SPARK_SUBMIT_OPTS", "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:-UseCodeCacheFlushing")
+# tests 2,464 and 2,604 -> 2,351 s (2026-12-07, AMD EPYC 2-core VM). A code cache of 512 MiB (one
+# heap; 48 MiB of it used): in the default 240 MiB, cut in segments, the code cache sweeper still took
+# 13.5-15.5 of the session JVM's 150-178 core-s on test_prepare_dedup.py (without flushing, with a
+# sweeper threshold of 50%, without segments); with it none, the file 220 -> 208 core-s.
+os.environ.setdefault("SPARK_SUBMIT_OPTS",
+                      "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC -XX:-UseCodeCacheFlushing -XX:ReservedCodeCacheSize=512m")
+
+
+def _java_without_the_vector_api() -> None:
+    """Point JAVA_HOME (what spark-submit runs) at a bin/java that runs this machine's java without
+    the `--add-modules=jdk.incubator.vector` Spark 4's launcher adds. With it, Spark ML's BLAS
+    (dev.ludovic.netlib) takes its Vector API kernels, which only C2 turns into SIMD code: under
+    C1 every lane operation runs as Java objects, and the L-BFGS of svm.engine=spark_ml spent
+    three quarters of its executor samples in VectorBLAS.dgemv (JFR). Without the module the same
+    library takes its plain Java loops: test_svm.py's two-engine test 310 core-s (C1, Vector API),
+    238 (C2), 223 (C1, plain loops). Users' JVMs keep both (C2 compiles the Vector API)."""
+    home = ROOT / ".cache" / "test-java"
+    if os.environ.get("JAVA_HOME") == str(home):
+        return  # a child of a test run (the spark35 lane) inherits it
+    given = os.environ.get("JAVA_HOME")
+    java = Path(given) / "bin" / "java" if given else shutil.which("java")
+    if not java:
+        return  # no Java: the spark fixture fails with Spark's own message
+    script = home / "bin" / "java"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    text = ("#!/bin/bash\n# tests/conftest.py: Spark's java command without the incubating Vector API\n"
+            "args=()\nfor a in \"$@\"; do [ \"$a\" = --add-modules=jdk.incubator.vector ] || args+=(\"$a\"); done\n"
+            f"exec '{Path(java).resolve()}' \"${{args[@]}}\"\n")
+    if not script.exists() or script.read_text() != text:
+        tmp = script.with_name(f"java.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.chmod(0o755)
+        os.replace(tmp, script)  # pytest-xdist's workers and the lane write it at once
+    os.environ["JAVA_HOME"] = str(home)
+
+
+_java_without_the_vector_api()
 # Spark binds to the loopback, where nearly all of a test run's connections are, and barrier-mode
 # TorchDistributor checks its rendezvous port by binding the executor's address with port 0, then
 # torchrun listens on that port on every address. On the machine's other address (Spark's default
