@@ -57,8 +57,8 @@ def _java_without_the_vector_api() -> None:
         return  # a child of a test run (the spark35 lane) inherits it
     given = os.environ.get("JAVA_HOME")
     java = Path(given) / "bin" / "java" if given else shutil.which("java")
-    if not java:
-        return  # no Java: the spark fixture fails with Spark's own message
+    if not java or not Path(java).is_file():
+        return  # no Java there: the spark fixture fails with Spark's own message
     script = home / "bin" / "java"
     script.parent.mkdir(parents=True, exist_ok=True)
     text = ("#!/bin/bash\n# tests/conftest.py: Spark's java command without the incubating Vector API\n"
@@ -73,6 +73,7 @@ def _java_without_the_vector_api() -> None:
 
 
 _java_without_the_vector_api()
+
 # Spark binds to the loopback, where nearly all of a test run's connections are, and barrier-mode
 # TorchDistributor checks its rendezvous port by binding the executor's address with port 0, then
 # torchrun listens on that port on every address. On the machine's other address (Spark's default
