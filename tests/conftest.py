@@ -26,6 +26,17 @@ os.environ.update({
 # spinning pool burns the CPU the other process waits for (two test_weights.py side by side: 39.7 s
 # spinning, 26.3 s sleeping; alone 16.7 s and 17.3 s). Set before anything imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# glibc's malloc keeps freed blocks in the heap in every process started after this (make test's
+# pytest-xdist workers, Spark's JVMs and Python workers, training ranks, jobs run as commands; not
+# the pytest process that reads this file: without -n its own tests keep the defaults). With its
+# defaults each large block (torch's activations, Arrow's buffers) is mapped on its own and unmapped
+# when freed, and the next batch faults its pages in again: on the AMD EPYC 2-core VM a fresh page
+# costs ~4.6 us, and test_weights.py spent 18-22 of its 61-70 core-s in the kernel (2026-12-07;
+# with this in all its processes, as under pytest-xdist: 6-8 of 47-58; test_pretrained.py 308-329
+# -> 248-254 core-s). The processes keep more memory (bench/malloc.py, docs/benchmarks.md: 18-35%
+# for MobileNetV2 extraction; make test used at most 17.0 GB of 24), which the test machine has;
+# users' processes keep glibc's defaults.
+os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=268435456")
 # Every Spark JVM the tests start (the session's, spark-submit children's, the spark35 lane's:
 # spark-submit adds SPARK_SUBMIT_OPTS to the driver's java command) compiles with C1 only. Test
 # JVMs run minutes on small data: C2's compiler threads took 25 of a session JVM's 53 core-s on
