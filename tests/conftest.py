@@ -246,6 +246,19 @@ def file_lock(path: str | Path):
         yield
 
 
+@contextlib.contextmanager
+def module_folder(request, tmp_path_factory, name: str):
+    """A new folder for a module fixture's outputs, removed once the module's tests are done if none
+    of them failed, as pyproject.toml's tmp_path_retention_policy = "failed" removes a passed test's
+    tmp_path: the training lakes hold checkpoints of 0.7 GB each, and a whole run kept every one
+    (9.2 GB under /tmp at its end; a CI machine ran out of disk)."""
+    failed = request.session.testsfailed
+    folder = tmp_path_factory.mktemp(name)
+    yield folder
+    if request.session.testsfailed == failed:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def machine_lock(name: str):
     """Held by one test process of this machine at a time (make test runs the spark35 lane beside
     the spark4 suite: the same test may run in both at once)."""

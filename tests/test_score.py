@@ -12,28 +12,29 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import rejects_by_reason, run_job
+from tests.conftest import module_folder, rejects_by_reason, run_job
 
 
 @pytest.fixture(scope="module")
-def trained(spark, prepared, tmp_path_factory):
+def trained(spark, prepared, request, tmp_path_factory):
     """A copy of the prepared sample's tables with the cities dataset and a city AlexNet (random
     init, one epoch, inline) exported under models/city."""
     from core.lake import Lake
 
     src, truth = prepared
-    root = tmp_path_factory.mktemp("lake_score") / "lake"
-    # only what ingest, prepare_images and dedup wrote: other modules add models to the shared lake
-    for rel in ("tables/posts", "tables/images", "tables/duplicates", "tables/rejected/stage=ingest",
-                "tables/rejected/stage=prepare_images"):
-        shutil.copytree(Path(src.root.removeprefix("file://")) / rel, root / rel)
-    lake = Lake(str(root))
-    args = ["--set", f"lake={lake.root}"]
-    assert run_job("build_dataset", *args, "--set", "dataset.ranks=1") == 0
-    assert run_job("train_cnn", *args, "--task", "city", "--preset", "city-scratch", "--set", "train.mode=inline",
-                   "--set", "train.processes=1", "--set", "train.epochs=1", "--set", "train.batch_size=16",
-                   "--set", "train.threads=2") == 0
-    return lake
+    with module_folder(request, tmp_path_factory, "lake_score") as folder:
+        root = folder / "lake"
+        # only what ingest, prepare_images and dedup wrote: other modules add models to the shared lake
+        for rel in ("tables/posts", "tables/images", "tables/duplicates", "tables/rejected/stage=ingest",
+                    "tables/rejected/stage=prepare_images"):
+            shutil.copytree(Path(src.root.removeprefix("file://")) / rel, root / rel)
+        lake = Lake(str(root))
+        args = ["--set", f"lake={lake.root}"]
+        assert run_job("build_dataset", *args, "--set", "dataset.ranks=1") == 0
+        assert run_job("train_cnn", *args, "--task", "city", "--preset", "city-scratch", "--set", "train.mode=inline",
+                       "--set", "train.processes=1", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+                       "--set", "train.threads=2") == 0
+        yield lake
 
 
 def _scores(spark, lake):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, machine_lock, run_job
+from tests.conftest import ROOT, machine_lock, module_folder, run_job
 
 SIDE, CROP = 72, 64  # AlexNet needs 63 px at least; small images keep CPU steps short
 TOPICS = 6
@@ -66,15 +66,15 @@ def _write_dataset(spark, lake: Path, name: str, kind: str, groups: dict[str, li
 
 
 @pytest.fixture(scope="module")
-def tiny(spark, tmp_path_factory):
-    lake = tmp_path_factory.mktemp("lake_train")
-    cities = [f"city{i}" for i in range(4)]
-    _write_dataset(spark, lake, "even", "cities", {"train": [8, 8], "val": [8], "test": [8]}, cities)
-    _write_dataset(spark, lake, "uneven", "cities", {"train": [12, 5, 9], "val": [6, 5], "test": [7]}, cities)
-    _write_dataset(spark, lake, "long", "cities", {"train": [16, 16], "val": [8], "test": [8]}, cities)
-    _write_dataset(spark, lake, "selfies", "likability", {"train": [10, 10], "val": [8], "test": [12]},
-                   ["bad", "good"])
-    return lake
+def tiny(spark, request, tmp_path_factory):
+    with module_folder(request, tmp_path_factory, "lake_train") as lake:
+        cities = [f"city{i}" for i in range(4)]
+        _write_dataset(spark, lake, "even", "cities", {"train": [8, 8], "val": [8], "test": [8]}, cities)
+        _write_dataset(spark, lake, "uneven", "cities", {"train": [12, 5, 9], "val": [6, 5], "test": [7]}, cities)
+        _write_dataset(spark, lake, "long", "cities", {"train": [16, 16], "val": [8], "test": [8]}, cities)
+        _write_dataset(spark, lake, "selfies", "likability", {"train": [10, 10], "val": [8], "test": [12]},
+                       ["bad", "good"])
+        yield lake
 
 
 def _sets(lake, **train) -> list[str]:
