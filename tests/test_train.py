@@ -407,7 +407,8 @@ def test_the_training_function_runs_under_plain_torchrun_without_spark(tiny, spa
     from dl.spec import Outputs
     from sparkml.cnn.train_cnn import preset, spec
 
-    cfg = load_config(ROOT / "conf" / "local.yaml", _sets_dict(tiny, dataset="even", model=MECHANICS, batch_size=4, epochs=1),
+    cfg = load_config(ROOT / "conf" / "local.yaml",
+                      _sets_dict(tiny, dataset="even", model=MECHANICS, batch_size=4, epochs=1),
                       preset("city", "city-scratch"))
     path = tmp_path / "spec.json"
     s = dataclasses.replace(spec(spark, cfg, False), checkpoints=str(tmp_path / "ck"),
